@@ -1,0 +1,1 @@
+"""Ray cluster configurations and local dev-cluster helpers."""

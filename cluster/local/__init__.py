@@ -1,0 +1,1 @@
+"""Local development services: the SeaweedFS S3 server."""

@@ -1,0 +1,251 @@
+"""Run one training job from a resolved spec: pre-flight, train with Ray Train, export.
+
+This is the driver side of a job. It runs in the CLI process for `--local` and in the
+job's entrypoint on a cluster, so it lives in `jobs` and takes the spec as a plain dict
+(validated by `orchestrator.spec` on the client). Everything that can be wrong with the
+input is checked in `preflight`, before Ray starts and before anything is written.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from jobs import backbones
+from jobs.data import DataPlan, build_datasets, plan_data
+from jobs.errors import EXIT_FAILED, TlctlError
+from jobs.metrics import epoch_lines, read_metrics
+from jobs.storage import Location, check_writable, exists, read_text, resolve, write_text
+from jobs.train import MODEL_FILE, read_uri, train_loop_per_worker
+
+# Fields that must match for a run of the same name to be resumed.
+IDENTITY_FIELDS = (
+    ("backbone", "name"),
+    ("backbone", "freeze_depth"),
+    ("head", "hidden"),
+    ("data", "image_size"),
+)
+
+
+@dataclass
+class Prepared:
+    """What pre-flight learned: where the run lives, its data and whether it resumes."""
+
+    spec: dict[str, Any]
+    run: Location
+    plan: DataPlan
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resuming: bool
+    complete: bool
+
+
+def run_location(spec: dict[str, Any]) -> Location:
+    return resolve(spec["storage"]["uri"], spec["storage"].get("endpoint")).join(spec["name"])
+
+
+def data_section(spec: dict[str, Any]) -> dict[str, Any]:
+    """The data section with the endpoint to read it through (defaults to storage's)."""
+    data = dict(spec["data"])
+    data.setdefault("endpoint", None)
+    if data["endpoint"] is None:
+        data["endpoint"] = spec["storage"].get("endpoint")
+    return data
+
+
+def _check_resume(spec: dict[str, Any], run: Location, classes: list[str]) -> tuple[bool, bool]:
+    """(resuming, complete): refuse to resume a run with a different model or classes."""
+    spec_loc = run.join("spec.yaml")
+    if not exists(spec_loc):
+        return False, False
+    stored = yaml.safe_load(read_text(spec_loc)) or {}
+    for section, key in IDENTITY_FIELDS:
+        old, new = (stored.get(section) or {}).get(key), spec[section][key]
+        if old != new:
+            raise TlctlError(
+                f"{section}.{key}: run '{spec['name']}' already exists at {run.uri} with "
+                f"{section}.{key}={old!r}, not {new!r}; a run resumes only with the same model "
+                "(choose a new name, or delete the old run)"
+            )
+    classes_loc = run.join("classes.json")
+    if exists(classes_loc):
+        old_classes = json.loads(read_text(classes_loc))
+        if old_classes != classes:
+            raise TlctlError(
+                f"data.train: run '{spec['name']}' was trained on classes {old_classes}, "
+                f"the data now has {classes} (choose a new name)"
+            )
+    done = epoch_lines(read_metrics(run.join("metrics.jsonl")))
+    last = max((int(m["epoch"]) for m in done), default=-1)
+    complete = exists(run.join("model", "model.json")) and last + 1 >= int(spec["train"]["epochs"])
+    return True, complete
+
+
+def preflight(spec: dict[str, Any]) -> Prepared:
+    """Validate storage, data and weights against the real world; no compute, no writes.
+
+    The writability probe on storage puts and deletes one small object.
+    """
+    run = run_location(spec)
+    check_writable(run)
+    plan = plan_data(data_section(spec), seed=int(spec["train"].get("seed", 0)))
+    bb = spec["backbone"]
+    # Builds the model once on the driver: checks freeze depth and that weights load.
+    backbones.build_model(
+        bb["name"],
+        plan.num_classes,
+        weights=bb["weights"],
+        freeze_depth=int(bb["freeze_depth"]),
+        hidden=spec["head"]["hidden"],
+        dropout=spec["head"]["dropout"],
+        load_bytes=lambda uri: read_uri(uri, spec["storage"].get("endpoint")),
+    )
+    mean, std = backbones.normalization(bb["name"], bb["weights"])
+    resuming, complete = _check_resume(spec, run, plan.classes)
+    return Prepared(spec, run, plan, mean, std, resuming, complete)
+
+
+def root_cause(exc: BaseException) -> str:
+    """The last `SomeError: message` line of a Ray error, not the whole traceback dump."""
+    text = str(exc)
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for line in reversed(lines):
+        if re.match(r"^[A-Za-z_.]*(Error|Exception|Interrupt)\b.*:", line):
+            return line
+    return lines[-1] if lines else type(exc).__name__
+
+
+def model_json(prepared: Prepared, metrics: dict[str, Any], checkpoint_uri: str) -> dict[str, Any]:
+    spec = prepared.spec
+    return {
+        "format": "tlctl-model/1",
+        "run": spec["name"],
+        "backbone": spec["backbone"]["name"],
+        "weights": spec["backbone"]["weights"],
+        "freeze_depth": spec["backbone"]["freeze_depth"],
+        "num_classes": prepared.plan.num_classes,
+        "classes": prepared.plan.classes,
+        "image_size": spec["data"]["image_size"],
+        "mean": list(prepared.mean),
+        "std": list(prepared.std),
+        "head": spec["head"],
+        "loads_into_torchvision": not spec["head"]["hidden"],
+        "metrics": metrics,
+        "checkpoint": checkpoint_uri,
+        "exported_at": time.time(),
+    }
+
+
+def export_model(prepared: Prepared, result) -> dict[str, Any]:
+    """Copy the best checkpoint's weights to `model/` and describe them in model.json."""
+    cp = prepared.spec["checkpoint"]
+    best = result.get_best_checkpoint(cp["metric"], cp["mode"])
+    if best is None:
+        raise TlctlError("training produced no checkpoint to export", exit_code=EXIT_FAILED)
+    metrics = next(m for c, m in result.best_checkpoints if c.path == best.path)
+    run = prepared.run
+    src = best.path.rstrip("/") + "/" + MODEL_FILE
+    run.fs.create_dir(run.join("model").path)
+    run.fs.copy_file(src, run.join("model", MODEL_FILE).path)
+    ckpt_uri = ("s3://" + best.path) if run.is_s3 else best.path
+    info = model_json(prepared, _public_metrics(metrics), ckpt_uri)
+    write_text(run.join("model", "model.json"), json.dumps(info, indent=1, sort_keys=True))
+    return info
+
+
+def _public_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in metrics.items() if not k.startswith("_")}
+
+
+def write_run_header(prepared: Prepared) -> None:
+    """spec.yaml and classes.json: written once training is about to start."""
+    run = prepared.run
+    write_text(run.join("spec.yaml"), yaml.safe_dump(prepared.spec, sort_keys=False))
+    write_text(run.join("classes.json"), json.dumps(prepared.plan.classes))
+
+
+def build_trainer(prepared: Prepared, *, progress=None, submitted_at: float | None = None):
+    """The TorchTrainer for this job (Tune builds the same one per trial)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    spec, run = prepared.spec, prepared.run
+    scaling = spec["scaling"]
+    per_worker: dict[str, float] = {"CPU": float(scaling["cpus_per_worker"])}
+    if scaling["use_gpu"]:
+        per_worker["GPU"] = 1.0
+    cp = spec["checkpoint"]
+    config = {
+        "spec": spec,
+        "classes": prepared.plan.classes,
+        "mean": list(prepared.mean),
+        "std": list(prepared.std),
+        "run_uri": run.uri,
+        "train_rows": prepared.plan.train_rows,
+        "progress": progress,
+        "submitted_at": submitted_at,
+    }
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=int(scaling["num_workers"]),
+            use_gpu=bool(scaling["use_gpu"]),
+            resources_per_worker=per_worker,
+            placement_strategy=scaling.get("placement", "pack").upper(),
+        ),
+        run_config=ray.train.RunConfig(
+            name="checkpoints",
+            storage_path=run.path,
+            storage_filesystem=run.fs,
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=int(cp["keep"]),
+                checkpoint_score_attribute=cp["metric"],
+                checkpoint_score_order=cp["mode"],
+            ),
+            failure_config=ray.train.FailureConfig(
+                max_failures=int(spec["failure"]["max_failures"])
+            ),
+        ),
+        datasets=build_datasets(prepared.plan, data_section(spec)),
+        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
+    )
+
+
+def run_job(prepared: Prepared, *, progress=None, submitted_at: float | None = None) -> dict:
+    """Train (or resume) and export; returns the summary. Ray must be initialized."""
+    start = time.time()
+    if prepared.complete:
+        info = json.loads(read_text(prepared.run.join("model", "model.json")))
+        return summary(prepared, info, time.time() - start, already_complete=True)
+    trainer = build_trainer(prepared, progress=progress, submitted_at=submitted_at)
+    write_run_header(prepared)
+    try:
+        result = trainer.fit()
+    except TlctlError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors; show the cause
+        raise TlctlError(f"training failed: {root_cause(exc)}", exit_code=EXIT_FAILED) from exc
+    info = export_model(prepared, result)
+    return summary(prepared, info, time.time() - start)
+
+
+def summary(
+    prepared: Prepared, info: dict[str, Any], wall: float, *, already_complete: bool = False
+) -> dict[str, Any]:
+    lines = epoch_lines(read_metrics(prepared.run.join("metrics.jsonl")))
+    return {
+        "run": prepared.spec["name"],
+        "best_val_acc": info["metrics"].get("val_acc"),
+        "best_epoch": info["metrics"].get("epoch"),
+        "epochs": len(lines),
+        "wall_time_s": wall,
+        "model_uri": prepared.run.join("model").uri,
+        "run_uri": prepared.run.uri,
+        "already_complete": already_complete,
+    }

@@ -1,0 +1,174 @@
+"""Job spec validation: every error path gives `field: message`, exit 2, before Ray starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from jobs.errors import TlctlError
+from orchestrator.cli import app
+from orchestrator.spec import apply_overrides, load_spec, parse_spec
+
+runner = CliRunner()
+
+
+def base(**sections) -> dict:
+    raw = {
+        "name": "demo",
+        "data": {"train": "data/x"},
+        "storage": {"uri": "s3://tlctl/runs"},
+        "backbone": {"name": "resnet18", "weights": "none"},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            raw[key] = {**raw[key], **value}
+        else:
+            raw[key] = value
+    return raw
+
+
+def errors_of(raw) -> str:
+    with pytest.raises(TlctlError) as info:
+        parse_spec(raw)
+    assert info.value.exit_code == 2
+    return info.value.message
+
+
+def test_defaults_and_resolution(tmp_path: Path) -> None:
+    spec = parse_spec(base(storage={"uri": "runs"}), base_dir=tmp_path)
+    assert spec.train.epochs == 10 and spec.train.optimizer == "adamw"
+    assert spec.data.train == str(tmp_path / "data" / "x")
+    assert spec.storage.uri == str(tmp_path / "runs")
+    assert spec.checkpoint.mode == "max"
+    assert spec.failure.max_failures == 0
+
+
+def test_loss_metric_defaults_to_min_mode() -> None:
+    assert parse_spec(base(checkpoint={"metric": "val_loss"})).checkpoint.mode == "min"
+
+
+def test_cluster_jobs_default_to_two_failures() -> None:
+    assert parse_spec(base(), local=False).failure.max_failures == 2
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (base(name="Bad Name"), "name: 'Bad Name' is not a valid run name"),
+        (base(name="../escape"), "name: '../escape' is not a valid run name"),
+        (
+            base(backbone={"name": "resnet19"}),
+            "backbone.name: unknown backbone 'resnet19' (valid: ",
+        ),
+        (
+            base(backbone={"freeze_depth": 9}),
+            "backbone.freeze_depth: 9 is out of range for resnet18 (valid: 0..5",
+        ),
+        (base(backbone={"freeze_depth": -1}), "backbone.freeze_depth: "),
+        (
+            base(train={"optimizer": "lion"}),
+            "train.optimizer: lion is not allowed (valid: adamw, sgd, adam)",
+        ),
+        (base(train={"epochs": 0}), "train.epochs: "),
+        (base(train={"lr": -1}), "train.lr: "),
+        (base(train={"precision": "fp16"}), "train.precision: fp16 needs scaling.use_gpu"),
+        (base(data={"val_fractoin": 0.2}), "data.val_fractoin: unknown field (valid: train, val, "),
+        (base(data={"val_fraction": 1.5}), "data.val_fraction: "),
+        (base(data={"image_size": 4}), "data.image_size: "),
+        (base(head={"hidden": [0]}), "head.hidden.0: "),
+        (base(head={"dropout": 1.0}), "head.dropout: "),
+        (base(scaling={"num_workers": 0}), "scaling.num_workers: "),
+        (
+            base(scaling={"placement": "random"}),
+            "scaling.placement: random is not allowed (valid: pack, spread)",
+        ),
+        (
+            base(storage={"uri": "s3://b/r", "endpoint": "ftp://host"}),
+            "storage.endpoint: 'ftp://host' is not an http(s)://host[:port] URL",
+        ),
+        (
+            base(storage={"uri": "s3://b/r", "endpoint": "http://key:secret@host:9000"}),
+            "storage.endpoint: must not contain credentials",
+        ),
+        (base(checkpoint={"metric": "f1"}), "checkpoint.metric: f1 is not allowed (valid: val_acc"),
+        (base(checkpoint={"keep": 0}), "checkpoint.keep: "),
+        (base(bogus=1), "bogus: unknown field (valid: name, backbone, head, data"),
+        (base(search={"lr": [0.1]}), "search: hyperparameter search is not available"),
+        ({"name": "x", "storage": {"uri": "s3://b"}}, "data: required field is missing"),
+    ],
+)
+def test_invalid_fields(raw, expected) -> None:
+    assert expected in errors_of(raw)
+
+
+def test_every_error_reported_at_once() -> None:
+    message = errors_of(base(train={"epochs": 0, "optimizer": "lion"}, bogus=1))
+    assert message.count("\n") == 3  # header + three lines
+
+
+def test_secret_in_endpoint_not_echoed() -> None:
+    message = errors_of(base(storage={"uri": "s3://b/r", "endpoint": "http://k:hunter2@h:9000"}))
+    assert "hunter2" not in message
+
+
+def test_overrides_parse_yaml_values() -> None:
+    raw = apply_overrides(
+        base(),
+        ["train.epochs=3", "head.hidden=[64, 32]", "scaling.use_gpu=false", "data.val=s3://b/val"],
+    )
+    spec = parse_spec(raw)
+    assert spec.train.epochs == 3 and spec.head.hidden == [64, 32]
+    assert spec.scaling.use_gpu is False and spec.data.val == "s3://b/val"
+
+
+@pytest.mark.parametrize("bad", ["noequals", "=3", "name.sub=1"])
+def test_bad_overrides(bad) -> None:
+    with pytest.raises(TlctlError) as info:
+        apply_overrides(base(), [bad])
+    assert "--set" in info.value.message
+
+
+def test_load_spec_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(TlctlError, match="no such spec file"):
+        load_spec(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(TlctlError, match="not valid YAML"):
+        load_spec(bad)
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- a\n- b\n")
+    with pytest.raises(TlctlError, match="expected a YAML mapping"):
+        load_spec(listy)
+
+
+def test_cli_invalid_spec_exits_2_without_starting_ray(tmp_path: Path) -> None:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(base(backbone={"name": "resnet19"})))
+    result = runner.invoke(app, ["submit", str(spec), "--local"])
+    assert result.exit_code == 2
+    assert "backbone.name: unknown backbone 'resnet19'" in result.output
+    assert "Traceback" not in result.output
+    import ray
+
+    assert not ray.is_initialized()
+
+
+def test_cli_set_override_validated(tmp_path: Path) -> None:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(base()))
+    result = runner.invoke(app, ["validate", str(spec), "--set", "train.epochs=zero"])
+    assert result.exit_code == 2
+    assert "train.epochs:" in result.output
+    ok = runner.invoke(app, ["validate", str(spec), "--set", "train.epochs=2"])
+    assert ok.exit_code == 0, ok.output
+
+
+def test_cli_submit_needs_a_target(tmp_path: Path) -> None:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(base()))
+    result = runner.invoke(app, ["submit", str(spec)], env={"RAY_ADDRESS": ""})
+    assert result.exit_code == 2
+    assert "--local" in result.output

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import random
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -184,6 +185,7 @@ def stratified_split(
             n_val = min(max(n_val, 1), len(files) - 1)
         val += [(f, cls) for f in files[:n_val]]
         train += [(f, cls) for f in files[n_val:]]
+    rng.shuffle(train)  # class-mixed blocks: batches must not be runs of one class
     return train, val
 
 
@@ -213,6 +215,7 @@ def plan_data(data: dict[str, Any], *, seed: int = 0) -> DataPlan:
                 )
             pairs = [(f, c) for c in val_classes for f in val_by_class[c]]
             train_pairs = [(f, c) for c in classes for f in by_class[c]]
+            random.Random(seed).shuffle(train_pairs)  # class-mixed blocks
             train = Split(
                 kind,
                 train_loc,
@@ -269,21 +272,37 @@ def decode_image(data: bytes, size: int, where: str) -> np.ndarray:
         raise ValueError(f"{CORRUPT_MARKER} {where}: {exc}") from None
 
 
+def _keys(raws: Sequence[bytes]) -> np.ndarray:
+    """A stable per-image key (CRC-32 of its bytes): lets each worker evaluate a disjoint,
+    complete share of the val set whatever order the batches arrive in."""
+    return np.asarray([zlib.crc32(r) for r in raws], dtype=np.int64)
+
+
 def _decode_files(batch: dict[str, Any], size: int, label_of: dict[str, int]) -> dict[str, Any]:
-    images = [decode_image(b, size, p) for b, p in zip(batch["bytes"], batch["path"], strict=True)]
+    raws = list(batch["bytes"])
+    images = [decode_image(b, size, p) for b, p in zip(raws, batch["path"], strict=True)]
     labels = [label_of[_norm(p)] for p in batch["path"]]
-    return {"image": np.stack(images), "label": np.asarray(labels, dtype=np.int64)}
+    return {
+        "image": np.stack(images),
+        "label": np.asarray(labels, dtype=np.int64),
+        "key": _keys(raws),
+    }
 
 
 def _decode_rows(
     batch: dict[str, Any], size: int, image_column: str, label_column: str, index: dict[str, int]
 ) -> dict[str, Any]:
-    images = []
-    for i, value in enumerate(batch[image_column]):
-        raw = value.get("bytes") if isinstance(value, dict) else value
-        images.append(decode_image(bytes(raw), size, f"parquet row (column {image_column}, #{i})"))
+    raws = [bytes(v.get("bytes") if isinstance(v, dict) else v) for v in batch[image_column]]
+    images = [
+        decode_image(raw, size, f"parquet row (column {image_column}, #{i})")
+        for i, raw in enumerate(raws)
+    ]
     labels = [index[str(v)] for v in batch[label_column]]
-    return {"image": np.stack(images), "label": np.asarray(labels, dtype=np.int64)}
+    return {
+        "image": np.stack(images),
+        "label": np.asarray(labels, dtype=np.int64),
+        "key": _keys(raws),
+    }
 
 
 def augment_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -300,7 +319,7 @@ def augment_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     for i in range(n):
         crop = padded[i, dy[i] : dy[i] + h, dx[i] : dx[i] + w]
         out[i] = crop[:, ::-1] if flips[i] else crop
-    return {"image": out, "label": batch["label"]}
+    return {**batch, "image": out}
 
 
 def _norm(path: str) -> str:
@@ -379,6 +398,11 @@ def build_datasets(plan: DataPlan, data: dict[str, Any]) -> dict[str, Any]:
         )
     if cache:
         train, val = materialize(train), materialize(val)
+    if data.get("shuffle", True):
+        # Blocks are class-mixed already; a new block order every epoch, and the workers'
+        # local shuffle buffer mixes rows within it. (A full random_shuffle per epoch would
+        # cost a shuffle stage on the CPUs training needs.)
+        train = train.randomize_block_order()
     if data.get("augment", True):
         train = train.map_batches(augment_batch, batch_size=256, batch_format="numpy")
     return {"train": train, "val": val}

@@ -140,16 +140,32 @@ def train_one_epoch(
 
 
 @torch.no_grad()
+def sync_buffers_from_rank0(net: torch.nn.Module) -> None:
+    """Give every rank rank 0's BatchNorm statistics before evaluating.
+
+    DDP broadcasts buffers at the start of each training forward, so after the last step
+    each rank's running stats include its own last batch. Without this, ranks would
+    evaluate slightly different models, none exactly the one rank 0 checkpoints.
+    """
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for buf in net.buffers():
+            dist.broadcast(buf, src=0)
+
+
+@torch.no_grad()
 def evaluate(model, batches, *, rank, world, mean, std, device, precision, channels_last):
-    """Exact validation over the whole val set: each rank takes every world-th batch."""
+    """Exact validation over the whole val set, shared out by image key (not batch order,
+    which differs between workers): each rank evaluates the images with key % world == rank."""
     net = model.module if hasattr(model, "module") else model
+    sync_buffers_from_rank0(net)
     backbones.set_train_mode(net, False)
     loss_sum = correct = seen = 0.0
-    for i, batch in enumerate(batches):
-        if i % world != rank:
+    for batch in batches:
+        mine = batch["key"] % world == rank
+        if not bool(mine.any()):
             continue
-        x = to_input(batch["image"].to(device), mean, std, channels_last)
-        y = batch["label"].to(device)
+        x = to_input(batch["image"][mine].to(device), mean, std, channels_last)
+        y = batch["label"][mine].to(device)
         with autocast_for(precision, device):
             logits = net(x)
         loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))

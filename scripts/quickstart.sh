@@ -13,9 +13,9 @@ S3DIR=.tlctl/s3
 python -m cluster.local.s3server up --dir "$S3DIR" --port 9000 --bucket tlctl
 eval "$(python -m cluster.local.s3server env --dir "$S3DIR")"
 
-tlctl data synth data/source --variant source --classes 6 --per-class 200 --size 48 --seed 1
-tlctl data synth data/target/train --variant target --classes 6 --per-class 40 --size 48 --seed 2
-tlctl data synth data/target/val --variant target --classes 6 --per-class 30 --size 48 --seed 3
+tlctl data synth data/source --variant source --classes 6 --per-class 200 --size 32 --seed 1
+tlctl data synth data/target/train --variant target --classes 6 --per-class 60 --size 32 --seed 2
+tlctl data synth data/target/val --variant target --classes 6 --per-class 40 --size 32 --seed 3
 
 tlctl submit examples/source.yaml --local        # 1. pre-train on the source shapes
 tlctl submit examples/quickstart.yaml --local    # 2. fine-tune on the target, frozen prefix

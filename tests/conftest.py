@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+import os
 import re
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from cluster.local.s3server import S3Server, start_s3_server
+from cluster.local.s3server import S3Server, read_state, start_s3_server, state_path
 
 # --- S3: one real SeaweedFS server per test session --------------------------------------
 
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    """A SeaweedFS S3 server on loopback (~3 s to start), shared by the whole session."""
+    """A SeaweedFS S3 server on loopback (~3 s to start), shared by the whole session.
+
+    With TLCTL_TEST_S3_DIR set (CI starts one with `python -m cluster.local.s3server up`),
+    that running server is used and left running.
+    """
+    external = os.environ.get("TLCTL_TEST_S3_DIR")
+    if external:
+        yield read_state(state_path(Path(external)))
+        return
     server = start_s3_server(tmp_path_factory.mktemp("seaweedfs"))
     try:
         yield server
@@ -43,5 +53,34 @@ def s3_bucket(s3_server: S3Server, request: pytest.FixtureRequest) -> str:
     return name
 
 
+@pytest.fixture(scope="module")
+def s3_env_module(s3_server: S3Server) -> Iterator[S3Server]:
+    """`s3_env` for a whole module: set before Ray starts, so its workers inherit it."""
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+            mp.delenv(name, raising=False)
+        for name, value in s3_server.env().items():
+            mp.setenv(name, value)
+        yield s3_server
+
+
 # --- Ray -----------------------------------------------------------------------------------
-# (Ray fixtures go here: module-scoped, named by resources, e.g. `ray_start_2_cpus`.)
+
+
+@pytest.fixture(scope="module")
+def ray_start_4_cpus(s3_env_module: S3Server) -> Iterator[None]:
+    """Local Ray with 2 training workers' CPUs plus 2 for Ray Data ingest (real workers).
+
+    Started after the S3 environment so that workers see the credentials; `tlctl submit
+    --local` reuses a Ray this process already runs.
+    """
+    import ray
+
+    from orchestrator.local import quiet_ray_logs
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    quiet_ray_logs()
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -140,7 +140,7 @@ def tlctl_submit(work: Path, data_dir: str, epochs: int, tag: str) -> dict:
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
     )
-    lines = [json.loads(x) for x in (work / "runs" / tag / "metrics.jsonl").read_text().split()]
+    lines = [json.loads(x) for x in (work / "runs" / tag / "metrics.jsonl").read_text().splitlines()]
     epochs_m = [m for m in lines if m.get("kind") == "epoch"]
     return {
         "steady_images_per_s": statistics.median(m["steady_images_per_s"] for m in epochs_m[1:]),
@@ -201,6 +201,8 @@ def _ingest_loop(config: dict) -> None:
         )
         if epoch > 0:
             rates.append(m["steady_images_per_s"])
+    if rank == 0:  # Train V2 keeps only metrics reported with a checkpoint: use a file
+        Path(config["out"]).write_text(json.dumps(statistics.median(rates)))
     ray.train.report({"rate": statistics.median(rates)})
 
 
@@ -228,6 +230,7 @@ def ingest_arms(data_dir: str, epochs: int, storage: str) -> dict[str, float]:
                     "epochs": epochs,
                     "images": images,
                     "labels": labels,
+                    "out": f"{storage}-{source}.json",
                 },
                 scaling_config=ray.train.ScalingConfig(num_workers=WORKERS),
                 run_config=ray.train.RunConfig(
@@ -235,7 +238,8 @@ def ingest_arms(data_dir: str, epochs: int, storage: str) -> dict[str, float]:
                 ),
                 datasets=datasets,
             )
-            out[source] = trainer.fit().metrics["rate"]
+            trainer.fit()
+            out[source] = json.loads(Path(f"{storage}-{source}.json").read_text())
     finally:
         ray.shutdown()
     return out
@@ -296,6 +300,7 @@ def main() -> None:
         tl = tlctl_submit(work, data_dir, args.epochs, f"bench-{r}")
         row["tlctl_images_per_s"] = tl["steady_images_per_s"]
         row["startup_s"] = tl["startup_s"]
+        print(f"round {r}: {row}", flush=True)
         ing = ingest_arms(data_dir, args.epochs, str(work / "ingest"))
         row["raydata_images_per_s"], row["memory_images_per_s"] = ing["raydata"], ing["memory"]
         row.update(freeze_step_times())

@@ -92,7 +92,8 @@ def preflight(spec: dict[str, Any]) -> Prepared:
     The writability probe on storage puts and deletes one small object.
     """
     run = run_location(spec)
-    check_writable(run)
+    # Probe the storage root, not the run prefix: a run that fails pre-flight leaves no trace.
+    check_writable(resolve(spec["storage"]["uri"], spec["storage"].get("endpoint")))
     plan = plan_data(data_section(spec), seed=int(spec["train"].get("seed", 0)))
     bb = spec["backbone"]
     # Builds the model once on the driver: checks freeze depth and that weights load.

@@ -100,6 +100,8 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """One pass over this worker's shard; returns global (all-reduced) loss, acc, images/s."""
     backbones.set_train_mode(model, True)
+    # fp16 needs loss scaling against gradient underflow; bf16 and fp32 do not.
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     loss_sum = correct = seen = 0.0
     steady_images, steady_start = 0, None
     start = time.perf_counter()
@@ -110,8 +112,9 @@ def train_one_epoch(
             logits = model(x)
             loss = F.cross_entropy(logits, y, label_smoothing=label_smoothing)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         n = y.shape[0]
         loss_sum += float(loss.detach()) * n
         correct += float((logits.argmax(1) == y).sum())
@@ -127,14 +130,13 @@ def train_one_epoch(
     loss_sum, correct, seen, steady_images = _all_sum(
         [loss_sum, correct, seen, float(steady_images)], device
     )
-    world = dist.get_world_size() if dist.is_initialized() else 1
     return {
         "train_loss": loss_sum / max(seen, 1),
         "train_acc": correct / max(seen, 1),
         "train_images": int(seen),
         "images_per_s": seen / elapsed if elapsed else 0.0,
-        # throughput after each worker's warm-up step, summed over workers
-        "steady_images_per_s": (steady_images / steady * world) if steady > 0 else 0.0,
+        # all workers' images after their warm-up step, over this worker's time for them
+        "steady_images_per_s": steady_images / steady if steady > 0 else 0.0,
         "train_time_s": elapsed,
     }
 
@@ -196,6 +198,7 @@ def save_checkpoint(directory: str, model, optimizer, scheduler, meta: dict[str,
 
 
 def load_checkpoint(checkpoint, model, optimizer, scheduler) -> dict[str, Any]:
+    """Restore model, optimizer and schedule in place; returns the checkpoint's meta."""
     with checkpoint.as_directory() as d:
         model.load_state_dict(
             torch.load(os.path.join(d, MODEL_FILE), map_location="cpu", weights_only=True)
@@ -265,15 +268,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer = make_optimizer(backbones.trainable_parameters(model), train)
     scheduler = make_scheduler(optimizer, train)
 
-    start_epoch, resumed_from = 0, None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        meta = load_checkpoint(checkpoint, model, optimizer, scheduler)
-        start_epoch, resumed_from = int(meta["epoch"]) + 1, int(meta["epoch"])
-
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = ray.train.torch.prepare_model(model)  # moves to device, wraps in DDP when world > 1
+
+    # Resume after prepare_model, so optimizer state lands on the parameters' device. Every
+    # rank loads the same checkpoint, so the replicas stay identical.
+    start_epoch, resumed_from = 0, None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        net = model.module if hasattr(model, "module") else model
+        meta = load_checkpoint(checkpoint, net, optimizer, scheduler)
+        start_epoch, resumed_from = int(meta["epoch"]) + 1, int(meta["epoch"])
 
     run = resolve(config["run_uri"], spec["storage"].get("endpoint"))
     log = MetricsLog(run.join("metrics.jsonl")) if rank == 0 else None

@@ -243,6 +243,7 @@ def test_missing_bucket_fails_before_training(env: dict) -> None:
     assert result.exit_code == 2
     assert "bucket 'no-such-bucket-xyz' does not exist" in result.output
     assert "Traceback" not in result.output
+    assert "starting run" not in result.output  # refused in pre-flight, before training
 
 
 def test_wrong_secret_is_a_clear_error_and_not_printed(env: dict, monkeypatch) -> None:
@@ -263,4 +264,45 @@ def test_corrupt_image_is_named_and_nothing_is_written(env: dict, tmp_path: Path
     result = submit(spec)
     assert result.exit_code == 2, result.output
     assert f"corrupt image {bad}" in result.output
-    assert not exists(run_loc(env, "corrupt").join("spec.yaml"))
+    assert not exists(run_loc(env, "corrupt"))  # not even an empty prefix
+
+
+def test_parquet_dataset_in_s3_trains(env: dict) -> None:
+    """An image-bytes + label Parquet table in S3, split by val_fraction inside Ray Data."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = {"image": [], "label": []}
+    for cls_dir in sorted((env["tmp"] / "train").iterdir()):
+        if cls_dir.is_dir():
+            for f in sorted(cls_dir.glob("*.png"))[:20]:
+                rows["image"].append(f.read_bytes())
+                rows["label"].append(cls_dir.name)
+    loc = resolve(f"s3://{env['bucket']}/data/target.parquet", env["endpoint"])
+    with loc.fs.open_output_stream(loc.path) as out:
+        pq.write_table(pa.table(rows), out)
+    spec = write_spec(env, "parquet", data={"train": loc.uri, "val_fraction": 0.25,
+                                            "image_size": SIZE},
+                      train={"epochs": 1, "batch_size": 16, "lr": 0.001})
+    result = submit(spec)
+    assert result.exit_code == 0, result.output
+    info = json.loads(read_text(run_loc(env, "parquet").join("model", "model.json")))
+    assert info["classes"] == sorted(set(rows["label"]))
+    assert info["metrics"]["val_images"] == 30  # a quarter of 120 rows
+    assert info["metrics"]["train_images"] <= 90
+
+
+def test_failure_during_training_exits_1_with_the_reason(env: dict, tmp_path: Path) -> None:
+    """Streaming (uncached) data decodes during training: a corrupt file fails the job."""
+    import shutil
+
+    data = tmp_path / "train"
+    shutil.copytree(env["tmp"] / "train", data)
+    bad = data / "heart" / "00007.png"
+    bad.write_bytes(b"garbage")
+    spec = write_spec(env, "fails-late", data={"train": str(data), "val": str(env["tmp"] / "val"),
+                                               "image_size": SIZE, "cache": "false"})
+    result = submit(spec)
+    assert result.exit_code == 1, result.output
+    assert "training failed" in result.output and f"corrupt image {bad}" in result.output
+    assert "Traceback" not in result.output

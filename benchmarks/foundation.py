@@ -140,7 +140,8 @@ def tlctl_submit(work: Path, data_dir: str, epochs: int, tag: str) -> dict:
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
     )
-    lines = [json.loads(x) for x in (work / "runs" / tag / "metrics.jsonl").read_text().splitlines()]
+    text = (work / "runs" / tag / "metrics.jsonl").read_text()
+    lines = [json.loads(x) for x in text.splitlines()]
     epochs_m = [m for m in lines if m.get("kind") == "epoch"]
     return {
         "steady_images_per_s": statistics.median(m["steady_images_per_s"] for m in epochs_m[1:]),

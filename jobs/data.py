@@ -413,9 +413,18 @@ def materialize(ds):  # -> ray.data.MaterializedDataset
     try:
         return ds.materialize()
     except Exception as exc:  # noqa: BLE001 - Ray wraps the task error
-        text = str(exc)
-        if CORRUPT_MARKER in text:
-            line = next(ln for ln in text.splitlines() if CORRUPT_MARKER in ln)
-            detail = line[line.index(CORRUPT_MARKER) + len(CORRUPT_MARKER) :].strip()
-            raise TlctlError(f"data: corrupt image {detail}") from None
+        message = corrupt_image_message(str(exc))
+        if message:
+            raise TlctlError(message) from None
         raise
+
+
+def corrupt_image_message(text: str) -> str | None:
+    """`data: corrupt image <file>: <why>` out of a (wrapped) Ray error text, if it is one."""
+    for line in text.splitlines():
+        if CORRUPT_MARKER in line:
+            return (
+                "data: corrupt image "
+                + line[line.index(CORRUPT_MARKER) + len(CORRUPT_MARKER) :].strip()
+            )
+    return None

@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import re
 import time
+import traceback
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
 from jobs import backbones
-from jobs.data import DataPlan, build_datasets, plan_data
+from jobs.data import DataPlan, build_datasets, corrupt_image_message, plan_data
 from jobs.errors import EXIT_FAILED, TlctlError
 from jobs.metrics import epoch_lines, read_metrics
 from jobs.storage import Location, check_writable, exists, read_text, resolve, write_text
@@ -111,9 +112,25 @@ def preflight(spec: dict[str, Any]) -> Prepared:
     return Prepared(spec, run, plan, mean, std, resuming, complete)
 
 
+def error_text(exc: BaseException, depth: int = 0) -> str:
+    """All the text of a Ray error: its traceback, causes and each worker's failure."""
+    if depth > 5:
+        return ""
+    parts = ["".join(traceback.format_exception(exc))]
+    for inner in (getattr(exc, "worker_failures", None) or {}).values():
+        parts.append(error_text(inner, depth + 1))
+    controller = getattr(exc, "controller_failure", None)
+    if controller is not None:
+        parts.append(error_text(controller, depth + 1))
+    return "\n".join(parts)
+
+
 def root_cause(exc: BaseException) -> str:
     """The last `SomeError: message` line of a Ray error, not the whole traceback dump."""
-    text = str(exc)
+    text = error_text(exc)
+    corrupt = corrupt_image_message(text)
+    if corrupt:
+        return corrupt
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     for line in reversed(lines):
         if re.match(r"^[A-Za-z_.]*(Error|Exception|Interrupt)\b.*:", line):

@@ -37,11 +37,15 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 @pytest.fixture
 def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
     """Point the standard AWS credential chain at `s3_server` for one test."""
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in s3_server.env().items():
-        monkeypatch.setenv(name, value)
+    _point_aws_at(s3_server, monkeypatch)
     return s3_server
+
+
+def _point_aws_at(server: S3Server, mp: pytest.MonkeyPatch) -> None:
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        mp.delenv(name, raising=False)
+    for name, value in server.env().items():
+        mp.setenv(name, value)
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +61,7 @@ def s3_bucket(s3_server: S3Server, request: pytest.FixtureRequest) -> str:
 def s3_env_module(s3_server: S3Server) -> Iterator[S3Server]:
     """`s3_env` for a whole module: set before Ray starts, so its workers inherit it."""
     with pytest.MonkeyPatch.context() as mp:
-        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-            mp.delenv(name, raising=False)
-        for name, value in s3_server.env().items():
-            mp.setenv(name, value)
+        _point_aws_at(s3_server, mp)
         yield s3_server
 
 

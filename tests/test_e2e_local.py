@@ -281,9 +281,12 @@ def test_parquet_dataset_in_s3_trains(env: dict) -> None:
     loc = resolve(f"s3://{env['bucket']}/data/target.parquet", env["endpoint"])
     with loc.fs.open_output_stream(loc.path) as out:
         pq.write_table(pa.table(rows), out)
-    spec = write_spec(env, "parquet", data={"train": loc.uri, "val_fraction": 0.25,
-                                            "image_size": SIZE},
-                      train={"epochs": 1, "batch_size": 16, "lr": 0.001})
+    spec = write_spec(
+        env,
+        "parquet",
+        data={"train": loc.uri, "val_fraction": 0.25, "image_size": SIZE},
+        train={"epochs": 1, "batch_size": 16, "lr": 0.001},
+    )
     result = submit(spec)
     assert result.exit_code == 0, result.output
     info = json.loads(read_text(run_loc(env, "parquet").join("model", "model.json")))
@@ -300,8 +303,16 @@ def test_failure_during_training_exits_1_with_the_reason(env: dict, tmp_path: Pa
     shutil.copytree(env["tmp"] / "train", data)
     bad = data / "heart" / "00007.png"
     bad.write_bytes(b"garbage")
-    spec = write_spec(env, "fails-late", data={"train": str(data), "val": str(env["tmp"] / "val"),
-                                               "image_size": SIZE, "cache": "false"})
+    spec = write_spec(
+        env,
+        "fails-late",
+        data={
+            "train": str(data),
+            "val": str(env["tmp"] / "val"),
+            "image_size": SIZE,
+            "cache": "false",
+        },
+    )
     result = submit(spec)
     assert result.exit_code == 1, result.output
     assert "training failed" in result.output and f"corrupt image {bad}" in result.output

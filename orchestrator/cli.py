@@ -48,6 +48,9 @@ EndpointOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+YesOpt = Annotated[
+    bool, typer.Option("--yes", "-y", help="Accept a search grid of more than 1,000 trials.")
+]
 
 
 def guarded(fn: F) -> F:
@@ -87,11 +90,12 @@ def submit(
         typer.Option("--set", help="Override a spec field: key.path=value (repeatable)."),
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray's logs.")] = False,
+    yes: YesOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Validate a job spec, pre-flight storage and data, then train (or resume)."""
     submitted_at = time.time()
-    from orchestrator.spec import load_spec
+    from orchestrator.spec import ensure_runnable, load_spec
 
     if not local:
         if address:
@@ -100,7 +104,8 @@ def submit(
                 "version (valid: --local)"
             )
         raise TlctlError("no cluster given: pass --local to run on this machine")
-    job = load_spec(spec, set_ or [], local=True)
+    job = load_spec(spec, set_ or [], local=True, allow_large_grid=yes)
+    ensure_runnable(job)
     from jobs.run import preflight
     from orchestrator.display import TrainingProgress, console, print_summary
     from orchestrator.local import run_local
@@ -135,11 +140,12 @@ def validate(
     preflight_: Annotated[
         bool, typer.Option("--preflight", help="Also check storage, data and weights for real.")
     ] = False,
+    yes: YesOpt = False,
 ) -> None:
     """Check a job spec (and optionally storage/data/weights) without training."""
     from orchestrator.spec import load_spec
 
-    job = load_spec(spec, set_ or [])
+    job = load_spec(spec, set_ or [], allow_large_grid=yes)
     if preflight_:
         from jobs.run import preflight
 

@@ -11,14 +11,21 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 from urllib.parse import urlparse
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from jobs import backbones
 from jobs.errors import TlctlError
+from orchestrator.search_spec import SearchSpec, resolve_search, search_errors
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9\-_.]{0,62}$")
 METRICS = ("val_acc", "val_loss", "train_acc", "train_loss")
@@ -130,7 +137,7 @@ class JobSpec(_Section):
     storage: StorageSpec
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec)
     failure: FailureSpec = Field(default_factory=FailureSpec)
-    search: dict[str, Any] | None = None
+    search: SearchSpec | None = None
 
     @field_validator("name")
     @classmethod
@@ -143,7 +150,16 @@ class JobSpec(_Section):
         return v
 
 
-def _semantic_errors(spec: JobSpec) -> list[str]:
+def ensure_runnable(spec: JobSpec) -> None:
+    """Refuse what this version validates but cannot run yet, before anything starts."""
+    if spec.search is not None:
+        raise TlctlError(
+            "search: running a search is not available in this tlctl version yet "
+            "(the spec is valid; remove the search block to train once)"
+        )
+
+
+def _semantic_errors(spec: JobSpec, *, allow_large_grid: bool = False) -> list[str]:
     """Checks that span fields (pydantic validates each field alone)."""
     errors = []
     stages = backbones.num_stages(spec.backbone.name)
@@ -156,12 +172,12 @@ def _semantic_errors(spec: JobSpec) -> list[str]:
         errors.append(
             "train.precision: fp16 needs scaling.use_gpu: true (valid on CPU: auto, fp32, bf16)"
         )
-    if spec.search is not None:
-        errors.append(
-            "search: hyperparameter search is not available in this tlctl version "
-            "(remove the search block to train once)"
-        )
-    return errors
+    return errors + search_errors(
+        spec.search,
+        backbone=spec.backbone.name,
+        epochs=spec.train.epochs,
+        allow_large_grid=allow_large_grid,
+    )
 
 
 def _valid_fields(loc: tuple[Any, ...]) -> list[str]:
@@ -169,6 +185,8 @@ def _valid_fields(loc: tuple[Any, ...]) -> list[str]:
     for part in loc[:-1]:
         field = model.model_fields.get(part) if isinstance(part, str) else None
         ann = getattr(field, "annotation", None)
+        models = [a for a in get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)]
+        ann = models[0] if models else ann  # `SearchSpec | None` → SearchSpec
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
             return []
         model = ann
@@ -224,15 +242,24 @@ def _absolute(path: str, base: Path) -> str:
     return str(p if p.is_absolute() else (base / p).resolve())
 
 
-def parse_spec(raw: Any, *, base_dir: Path | None = None, local: bool = True) -> JobSpec:
-    """Validate a raw mapping; raises TlctlError (exit 2) with every problem listed."""
+def parse_spec(
+    raw: Any,
+    *,
+    base_dir: Path | None = None,
+    local: bool = True,
+    allow_large_grid: bool = False,
+) -> JobSpec:
+    """Validate a raw mapping; raises TlctlError (exit 2) with every problem listed.
+
+    `allow_large_grid` (the CLI's `--yes`) lets a grid of more than MAX_GRID_TRIALS run.
+    """
     if not isinstance(raw, dict):
         raise TlctlError("spec: expected a YAML mapping of sections (name, backbone, data, …)")
     try:
         spec = JobSpec.model_validate(raw)
     except ValidationError as exc:
         raise TlctlError("invalid job spec:\n" + "\n".join(format_errors(exc))) from None
-    errors = _semantic_errors(spec)
+    errors = _semantic_errors(spec, allow_large_grid=allow_large_grid)
     if errors:
         raise TlctlError("invalid job spec:\n" + "\n".join(errors))
     base = base_dir or Path.cwd()
@@ -243,6 +270,7 @@ def parse_spec(raw: Any, *, base_dir: Path | None = None, local: bool = True) ->
     spec.backbone.weights = _absolute(spec.backbone.weights, base)
     if spec.checkpoint.mode is None:
         spec.checkpoint.mode = "min" if spec.checkpoint.metric.endswith("loss") else "max"
+    resolve_search(spec.search)
     if spec.failure.max_failures is None:
         spec.failure.max_failures = 0 if local else 2
     if spec.storage.endpoint is None and "://" in spec.storage.uri:
@@ -253,7 +281,11 @@ def parse_spec(raw: Any, *, base_dir: Path | None = None, local: bool = True) ->
 
 
 def load_spec(
-    path: str | Path, overrides: list[str] | None = None, *, local: bool = True
+    path: str | Path,
+    overrides: list[str] | None = None,
+    *,
+    local: bool = True,
+    allow_large_grid: bool = False,
 ) -> JobSpec:
     """Read a YAML spec file, apply `--set` overrides, validate."""
     path = Path(path)
@@ -272,4 +304,4 @@ def load_spec(
             f"{path}:{where} not valid YAML ({getattr(exc, 'problem', exc)})"
         ) from None
     raw = apply_overrides(raw, overrides or []) if isinstance(raw, dict) else raw
-    return parse_spec(raw, local=local)
+    return parse_spec(raw, local=local, allow_large_grid=allow_large_grid)

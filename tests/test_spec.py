@@ -96,7 +96,7 @@ def test_cluster_jobs_default_to_two_failures() -> None:
         (base(checkpoint={"metric": "f1"}), "checkpoint.metric: f1 is not allowed (valid: val_acc"),
         (base(checkpoint={"keep": 0}), "checkpoint.keep: "),
         (base(bogus=1), "bogus: unknown field (valid: name, backbone, head, data"),
-        (base(search={"lr": [0.1]}), "search: hyperparameter search is not available"),
+        (base(search={"lr": []}), "search.lr: no choices"),
         ({"name": "x", "storage": {"uri": "s3://b"}}, "data: required field is missing"),
     ],
 )
@@ -172,3 +172,22 @@ def test_cli_submit_needs_a_target(tmp_path: Path) -> None:
     result = runner.invoke(app, ["submit", str(spec)], env={"RAY_ADDRESS": ""})
     assert result.exit_code == 2
     assert "--local" in result.output
+
+
+def test_cli_refuses_to_run_a_valid_search_and_accepts_large_grids_with_yes(tmp_path: Path) -> None:
+    raw = base(
+        search={
+            "lr": [round(0.001 * (i + 1), 6) for i in range(40)],
+            "freeze_depth": list(range(6)),
+            "batch_size": [8, 16, 32, 64, 128],
+            "search_alg": "grid",
+        }
+    )
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(raw))
+    big = runner.invoke(app, ["validate", str(spec)])
+    assert big.exit_code == 2 and "grid has 1200 trials (> 1000); pass --yes" in big.output
+    assert runner.invoke(app, ["validate", str(spec), "--yes"]).exit_code == 0
+    result = runner.invoke(app, ["submit", str(spec), "--local", "--yes"])
+    assert result.exit_code == 2
+    assert "search: running a search is not available" in result.output

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import os
-import queue as queue_mod
 import threading
 import time
 from collections.abc import Callable
@@ -123,7 +122,7 @@ def _drain(progress, on_progress, timeout: float) -> None:
     while True:
         try:
             item = progress.get(block=timeout > 0, timeout=max(0.01, deadline - time.monotonic()))
-        except (queue_mod.Empty, Exception):  # noqa: BLE001 - ray.util.queue.Empty or actor gone
+        except Exception:  # noqa: BLE001 - ray.util.queue.Empty, or the queue actor is gone
             return
         on_progress(item)
         if time.monotonic() >= deadline:

@@ -71,7 +71,11 @@ def guarded(fn: F) -> F:
             err_console.print(
                 "interrupted: submit the same spec again to resume from the last checkpoint"
             )
-            raise typer.Exit(130) from None
+            # A hard exit: Ray may still be mid-call in the training thread, where a normal
+            # interpreter exit (atexit ray.shutdown) can crash. Ray's processes share ours.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
 
     return wrapper  # type: ignore[return-value]
 

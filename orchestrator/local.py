@@ -86,11 +86,19 @@ def run_local(
     on_progress: Callable[[dict[str, Any]], None],
     submitted_at: float,
 ) -> dict[str, Any]:
-    """Start Ray, train in a thread, feed `on_progress` from rank 0's queue, stop Ray."""
+    """Start Ray, train in a thread, feed `on_progress` from rank 0's queue, stop Ray.
+
+    Training runs in a thread so that Ray Train does not take over SIGINT (its handler
+    exits the process silently). On Ctrl-C the KeyboardInterrupt is re-raised without
+    `ray.shutdown()`: shutting Ray down under the training thread's pending calls crashes
+    the interpreter, so the caller must end the process (Ray's processes share its fate).
+    Checkpoints already in storage are complete; the same spec resumes from them.
+    """
     import ray
     from ray.util.queue import Queue
 
     started = start_ray(prepared.spec, verbose=verbose)
+    interrupted = False
     try:
         progress = Queue(maxsize=1000, actor_options={"num_cpus": 0})
         outcome: dict[str, Any] = {}
@@ -112,8 +120,11 @@ def run_local(
                 raise err
             raise TlctlError(f"job failed: {err}", exit_code=EXIT_FAILED) from err
         return outcome["summary"]
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
     finally:
-        if started:
+        if started and not interrupted:
             ray.shutdown()
 
 

@@ -317,3 +317,43 @@ def test_failure_during_training_exits_1_with_the_reason(env: dict, tmp_path: Pa
     assert result.exit_code == 1, result.output
     assert "training failed" in result.output and f"corrupt image {bad}" in result.output
     assert "Traceback" not in result.output
+
+
+def test_ctrl_c_then_resubmit_resumes(env: dict) -> None:
+    """A real interrupt: SIGINT to `tlctl submit --local` once a checkpoint has landed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    spec = write_spec(env, "interrupted", train={"epochs": 6, "batch_size": 16, "lr": 0.001})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "submit", str(spec), "--local"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ),
+    )
+    log = run_loc(env, "interrupted").join("metrics.jsonl")
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        # Epoch 1's line is written after epoch 0's checkpoint was reported and registered.
+        if exists(log) and any(m.get("epoch") == 1 for m in metrics(env, "interrupted")):
+            break
+        time.sleep(0.3)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out, err)
+    assert "interrupted: submit the same spec again to resume" in err
+    done = [m["epoch"] for m in metrics(env, "interrupted") if m["kind"] == "epoch"]
+    assert 2 <= len(done) < 6
+
+    result = submit(spec)
+    assert result.exit_code == 0, result.output
+    assert "resuming run interrupted" in result.output
+    lines = metrics(env, "interrupted")
+    assert [m["epoch"] for m in lines if m["kind"] == "epoch"] == list(range(6))
+    resumed = [m for m in lines if m.get("event") == "resumed"]
+    assert len(resumed) == 1 and resumed[0]["epoch"] >= 1

@@ -61,9 +61,12 @@ def guarded(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except TlctlError as exc:
+            from rich.markup import escape
+
             from orchestrator.display import err_console
 
-            err_console.print(f"[bold red]error:[/] {exc.message}", markup=True, soft_wrap=True)
+            # Messages hold literal brackets ("[lo, hi]"): never read them as Rich markup.
+            err_console.print(f"[bold red]error:[/] {escape(exc.message)}", soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             from orchestrator.display import err_console

@@ -191,3 +191,16 @@ def test_cli_refuses_to_run_a_valid_search_and_accepts_large_grids_with_yes(tmp_
     result = runner.invoke(app, ["submit", str(spec), "--local", "--yes"])
     assert result.exit_code == 2
     assert "search: running a search is not available" in result.output
+
+
+def test_cli_prints_brackets_in_messages_literally(tmp_path: Path) -> None:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(base(search={"lr": {"loguniform": [0.1, 0.01]}})))
+    result = runner.invoke(app, ["validate", str(spec)])
+    assert result.exit_code == 2
+    assert "search.lr: loguniform lo must be < hi (got [0.1, 0.01])" in result.output
+    empty = tmp_path / "empty.yaml"
+    empty.write_text(yaml.safe_dump(base(search={"lr": []})))
+    result = runner.invoke(app, ["validate", str(empty)])
+    assert result.exit_code == 2, result.output
+    assert "{loguniform: [lo, hi]}" in result.output

@@ -22,7 +22,7 @@ from jobs.data import DataPlan, build_datasets, corrupt_image_message, plan_data
 from jobs.errors import EXIT_FAILED, TlctlError
 from jobs.metrics import epoch_lines, read_metrics
 from jobs.storage import Location, check_writable, exists, read_text, resolve, write_text
-from jobs.train import MODEL_FILE, read_uri, train_loop_per_worker
+from jobs.train import MODEL_FILE, build_job_model, train_loop_per_worker
 
 # Fields that must match for a run of the same name to be resumed.
 IDENTITY_FIELDS = (
@@ -46,16 +46,10 @@ class Prepared:
     complete: bool
 
 
-def run_location(spec: dict[str, Any]) -> Location:
-    return resolve(spec["storage"]["uri"], spec["storage"].get("endpoint")).join(spec["name"])
-
-
 def data_section(spec: dict[str, Any]) -> dict[str, Any]:
     """The data section with the endpoint to read it through (defaults to storage's)."""
     data = dict(spec["data"])
-    data.setdefault("endpoint", None)
-    if data["endpoint"] is None:
-        data["endpoint"] = spec["storage"].get("endpoint")
+    data["endpoint"] = data.get("endpoint") or spec["storage"].get("endpoint")
     return data
 
 
@@ -92,22 +86,14 @@ def preflight(spec: dict[str, Any]) -> Prepared:
 
     The writability probe on storage puts and deletes one small object.
     """
-    run = run_location(spec)
+    root = resolve(spec["storage"]["uri"], spec["storage"].get("endpoint"))
+    run = root.join(spec["name"])
     # Probe the storage root, not the run prefix: a run that fails pre-flight leaves no trace.
-    check_writable(resolve(spec["storage"]["uri"], spec["storage"].get("endpoint")))
+    check_writable(root)
     plan = plan_data(data_section(spec), seed=int(spec["train"].get("seed", 0)))
-    bb = spec["backbone"]
     # Builds the model once on the driver: checks freeze depth and that weights load.
-    backbones.build_model(
-        bb["name"],
-        plan.num_classes,
-        weights=bb["weights"],
-        freeze_depth=int(bb["freeze_depth"]),
-        hidden=spec["head"]["hidden"],
-        dropout=spec["head"]["dropout"],
-        load_bytes=lambda uri: read_uri(uri, spec["storage"].get("endpoint")),
-    )
-    mean, std = backbones.normalization(bb["name"], bb["weights"])
+    build_job_model(spec, plan.num_classes)
+    mean, std = backbones.normalization(spec["backbone"]["name"], spec["backbone"]["weights"])
     resuming, complete = _check_resume(spec, run, plan.classes)
     return Prepared(spec, run, plan, mean, std, resuming, complete)
 

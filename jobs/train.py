@@ -36,6 +36,23 @@ def read_uri(uri: str, endpoint: str | None = None) -> bytes:
     return read_bytes(resolve(uri, endpoint))
 
 
+def build_job_model(spec: dict[str, Any], num_classes: int) -> torch.nn.Module:
+    """The job's model, frozen and with its weights loaded (s3:// through the job's endpoint).
+
+    The driver's pre-flight and every worker build it the same way.
+    """
+    bb, head = spec["backbone"], spec["head"]
+    return backbones.build_model(
+        bb["name"],
+        num_classes,
+        weights=bb["weights"],
+        freeze_depth=int(bb["freeze_depth"]),
+        hidden=head["hidden"],
+        dropout=head["dropout"],
+        load_bytes=functools.partial(read_uri, endpoint=spec["storage"].get("endpoint")),
+    )
+
+
 def to_input(
     images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, channels_last: bool
 ) -> torch.Tensor:
@@ -245,7 +262,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train.torch
 
     spec, classes = config["spec"], config["classes"]
-    bb, head, data, train = spec["backbone"], spec["head"], spec["data"], spec["train"]
+    data, train = spec["data"], spec["train"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(max(1, int(spec["scaling"]["cpus_per_worker"])))
@@ -253,15 +270,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     channels_last = device.type == "cuda"
 
-    model = backbones.build_model(
-        bb["name"],
-        len(classes),
-        weights=bb["weights"],
-        freeze_depth=int(bb["freeze_depth"]),
-        hidden=head["hidden"],
-        dropout=head["dropout"],
-        load_bytes=functools.partial(read_uri, endpoint=spec["storage"].get("endpoint")),
-    )
+    model = build_job_model(spec, len(classes))
     mean_t, std_t = config["mean"], config["std"]
     mean = torch.tensor(mean_t, device=device).view(1, 3, 1, 1)
     std = torch.tensor(std_t, device=device).view(1, 3, 1, 1)

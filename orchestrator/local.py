@@ -9,6 +9,7 @@ progress from a queue that rank 0 feeds, and Ctrl-C stops Ray cleanly.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import threading
 import time
@@ -24,7 +25,7 @@ INGEST_CPUS = 2  # logical CPUs left for Ray Data's read/decode tasks
 def ray_resources(spec: dict[str, Any]) -> dict[str, int]:
     scaling = spec["scaling"]
     workers = int(scaling["num_workers"])
-    cpus = int(-(-float(scaling["cpus_per_worker"]) * workers // 1)) + INGEST_CPUS
+    cpus = math.ceil(float(scaling["cpus_per_worker"]) * workers) + INGEST_CPUS
     return {"num_cpus": cpus, "num_gpus": workers if scaling["use_gpu"] else 0}
 
 

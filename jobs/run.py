@@ -75,6 +75,14 @@ def _check_resume(spec: dict[str, Any], run: Location, classes: list[str]) -> tu
                 f"data.train: run '{spec['name']}' was trained on classes {old_classes}, "
                 f"the data now has {classes} (choose a new name)"
             )
+    if (stored.get("search") or None) != (spec.get("search") or None):
+        raise TlctlError(
+            f"search: run '{spec['name']}' already exists at {run.uri} with a different "
+            "search block; a run resumes only with the same search (choose a new name)"
+        )
+    if spec.get("search"):
+        complete = exists(run.join("model", "model.json")) and exists(run.join("trials.parquet"))
+        return True, complete
     done = epoch_lines(read_metrics(run.join("metrics.jsonl")))
     last = max((int(m["epoch"]) for m in done), default=-1)
     complete = exists(run.join("model", "model.json")) and last + 1 >= int(spec["train"]["epochs"])
@@ -173,8 +181,17 @@ def write_run_header(prepared: Prepared) -> None:
     write_text(run.join("classes.json"), json.dumps(prepared.plan.classes))
 
 
-def build_trainer(prepared: Prepared, *, progress=None, submitted_at: float | None = None):
-    """The TorchTrainer for this job (Tune builds the same one per trial)."""
+def build_trainer(
+    prepared: Prepared,
+    *,
+    progress=None,
+    submitted_at: float | None = None,
+    datasets: dict[str, Any] | None = None,
+    callbacks: list | None = None,
+    metrics_tags: dict[str, Any] | None = None,
+):
+    """The TorchTrainer for this job. Tune builds the same one per trial, with the trial's
+    spec and directory, datasets decoded once by the search driver, and Tune's callback."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -193,6 +210,7 @@ def build_trainer(prepared: Prepared, *, progress=None, submitted_at: float | No
         "train_rows": prepared.plan.train_rows,
         "progress": progress,
         "submitted_at": submitted_at,
+        "metrics_tags": metrics_tags or {},
     }
     return TorchTrainer(
         train_loop_per_worker,
@@ -215,8 +233,9 @@ def build_trainer(prepared: Prepared, *, progress=None, submitted_at: float | No
             failure_config=ray.train.FailureConfig(
                 max_failures=int(spec["failure"]["max_failures"])
             ),
+            callbacks=callbacks or None,
         ),
-        datasets=build_datasets(prepared.plan, data_section(spec)),
+        datasets=datasets or build_datasets(prepared.plan, data_section(spec)),
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
 

@@ -291,7 +291,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         start_epoch, resumed_from = int(meta["epoch"]) + 1, int(meta["epoch"])
 
     run = resolve(config["run_uri"], spec["storage"].get("endpoint"))
-    log = MetricsLog(run.join("metrics.jsonl")) if rank == 0 else None
+    tags = config.get("metrics_tags") or {}
+    log = MetricsLog(run.join("metrics.jsonl"), **tags) if rank == 0 else None
     if log is not None:
         log.load(keep_before_epoch=start_epoch)
         if resumed_from is not None:
@@ -339,7 +340,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 channels_last=channels_last,
             )
         )
-        metrics.update(epoch=epoch, lr=lr, epoch_time_s=time.time() - epoch_start)
+        # epochs_done is what ASHA counts: right after a resume too (Tune's own iteration
+        # counter restarts at 0 when a trial's function is restarted).
+        metrics.update(
+            epoch=epoch,
+            epochs_done=epoch + 1,
+            lr_epoch=lr,  # the schedule's lr this epoch (`lr` is the searched value)
+            epoch_time_s=time.time() - epoch_start,
+        )
         if epoch == start_epoch and progress.first_step_at:
             metrics["first_step_at"] = progress.first_step_at
             if run_start:

@@ -102,7 +102,7 @@ def submit(
 ) -> None:
     """Validate a job spec, pre-flight storage and data, then train (or resume)."""
     submitted_at = time.time()
-    from orchestrator.spec import ensure_runnable, load_spec
+    from orchestrator.spec import load_spec
 
     if not local:
         if address:
@@ -112,26 +112,29 @@ def submit(
             )
         raise TlctlError("no cluster given: pass --local to run on this machine")
     job = load_spec(spec, set_ or [], local=True, allow_large_grid=yes)
-    ensure_runnable(job)
     from jobs.run import preflight
-    from orchestrator.display import TrainingProgress, console, print_summary
+    from orchestrator.display import (
+        QuietProgress,
+        SearchProgress,
+        TrainingProgress,
+        console,
+        print_summary,
+        start_line,
+    )
     from orchestrator.local import run_local
 
     prepared = preflight(job.model_dump())
     if not json_out:
-        verb = "resuming" if prepared.resuming else "starting"
-        console.print(
-            f"{verb} run [bold]{job.name}[/]: {job.backbone.name} (freeze_depth "
-            f"{job.backbone.freeze_depth}), {prepared.plan.num_classes} classes, "
-            f"{prepared.plan.train_rows} train images, {job.scaling.num_workers} workers → "
-            f"{prepared.run.uri}"
-        )
-    with TrainingProgress(job.train.epochs) as progress:
+        console.print(start_line(prepared), soft_wrap=True)
+    if json_out:
+        display: Any = QuietProgress()
+    elif job.search is not None:
+        display = SearchProgress(job.train.epochs, job.search.metric)
+    else:
+        display = TrainingProgress(job.train.epochs)
+    with display as progress:
         summary = run_local(
-            prepared,
-            verbose=verbose,
-            submitted_at=submitted_at,
-            on_progress=(lambda _item: None) if json_out else progress.update,
+            prepared, verbose=verbose, submitted_at=submitted_at, on_progress=progress.update
         )
     if json_out:
         typer.echo(json.dumps(summary, indent=1))
@@ -245,6 +248,25 @@ def runs_show(
         typer.echo(json.dumps(record, indent=1, default=str))
     else:
         print_run(record)
+
+
+@app.command()
+@guarded
+def report(
+    name: Annotated[str, typer.Argument(help="Run name (a search run).")],
+    storage: StorageOpt,
+    endpoint: EndpointOpt = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Output directory (default: report/<RUN>)."),
+    ] = None,
+) -> None:
+    """Plots, trials.csv and a self-contained index.html of a hyperparameter search."""
+    from orchestrator.report import build_report
+
+    result = build_report(storage, endpoint, name, out or Path("report") / name)
+    for path in result["files"]:
+        typer.echo(path)
 
 
 def main() -> None:

@@ -27,6 +27,19 @@ def _when(ts: Any) -> str:
     return dt.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M")
 
 
+class QuietProgress:
+    """No live display (`--json`: stdout carries only the summary)."""
+
+    def __enter__(self) -> QuietProgress:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pass
+
+    def update(self, item: dict[str, Any]) -> None:
+        pass
+
+
 class TrainingProgress:
     """One progress bar per epoch (loss/accuracy live), one summary line when it ends."""
 
@@ -88,6 +101,99 @@ class TrainingProgress:
         )
 
 
+_HYPER = ("freeze_depth", "lr", "weight_decay", "batch_size")
+_STATUS_STYLE = {
+    "running": "cyan",
+    "completed": "green",
+    "stopped": "yellow",
+    "error": "red",
+    "pending": "dim",
+}
+
+
+def _value(key: str, v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if key != "batch_size" else str(int(v))
+    return "-" if v is None else str(v)
+
+
+class SearchProgress:
+    """A live table of a search's trials: values, epoch, val accuracy, status."""
+
+    def __init__(self, epochs: int, metric: str = "val_acc") -> None:
+        from rich.live import Live
+
+        self.epochs, self.metric = epochs, metric
+        self.trials: dict[str, dict[str, Any]] = {}
+        self.live = Live(self._table(), console=console, refresh_per_second=4)
+
+    def __enter__(self) -> SearchProgress:
+        self.live.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.live.update(self._table())
+        self.live.stop()
+        console.print()
+
+    def update(self, item: dict[str, Any]) -> None:
+        if not item.get("search"):
+            return
+        row = self.trials.setdefault(item["trial_id"], {"best": None})
+        row.update({k: item[k] for k in _HYPER if k in item})
+        row["status"] = item.get("status", row.get("status"))
+        if "epoch" in item:
+            row["epoch"] = int(item["epoch"]) + 1
+            row["last"] = item.get(self.metric)
+            value = item.get(self.metric)
+            better = max if not self.metric.endswith("loss") else min
+            if isinstance(value, (int, float)):
+                row["best"] = value if row["best"] is None else better(row["best"], value)
+        self.live.update(self._table())
+
+    def _table(self) -> Table:
+        table = Table(title="trials", title_justify="left")
+        keys = [k for k in _HYPER if any(k in r for r in self.trials.values())]
+        for col in ("trial", *keys, "epoch", self.metric, "best", "status"):
+            table.add_column(col, justify="left" if col in ("trial", "status") else "right")
+        fmt = _pct if self.metric.endswith("acc") else _num
+        for trial_id, r in sorted(self.trials.items()):
+            status = r.get("status") or "pending"
+            table.add_row(
+                trial_id,
+                *(_value(k, r.get(k)) for k in keys),
+                f"{r.get('epoch', 0)}/{self.epochs}",
+                fmt(r.get("last")),
+                fmt(r.get("best")),
+                f"[{_STATUS_STYLE.get(status, 'white')}]{status}[/]",
+            )
+        return table
+
+
+def start_line(prepared: Any) -> str:
+    """What is about to run, in one line: model, data, workers, search size, where to."""
+    from jobs.search_space import dimensions, trial_count
+    from orchestrator.local import local_trials
+
+    spec, plan = prepared.spec, prepared.plan
+    verb = "resuming" if prepared.resuming else "starting"
+    workers = int(spec["scaling"]["num_workers"])
+    data = f"{plan.num_classes} classes, {plan.train_rows} train images"
+    search = spec.get("search")
+    if not search:
+        return (
+            f"{verb} run [bold]{spec['name']}[/]: {spec['backbone']['name']} (freeze_depth "
+            f"{spec['backbone']['freeze_depth']}), {data}, {workers} workers → {prepared.run.uri}"
+        )
+    return (
+        f"{verb} search [bold]{spec['name']}[/]: {spec['backbone']['name']}, "
+        f"{trial_count(search)} trials over {', '.join(dimensions(search))} "
+        f"({search['search_alg']}, {search['scheduler']}), {data}, {workers} worker"
+        f"{'s' if workers > 1 else ''} per trial, up to {local_trials(spec)} at once → "
+        f"{prepared.run.uri}"
+    )
+
+
 def print_summary(summary: dict[str, Any]) -> None:
     table = Table(title=f"run {summary['run']}", show_header=False, title_justify="left")
     table.add_column(style="bold")
@@ -98,7 +204,16 @@ def print_summary(summary: dict[str, Any]) -> None:
         "best val acc",
         f"{_pct(summary['best_val_acc'])} (epoch {(summary['best_epoch'] or 0) + 1})",
     )
-    table.add_row("epochs", str(summary["epochs"]))
+    if summary.get("search"):
+        counts = ", ".join(f"{n} {s}" for s, n in sorted(summary["trial_status"].items()))
+        table.add_row("trials", f"{summary['trials']} ({counts})")
+        table.add_row("best trial", str(summary["best_trial"]))
+        values = summary.get("hyperparameters") or {}
+        table.add_row("best values", ", ".join(f"{k}={_value(k, v)}" for k, v in values.items()))
+        table.add_row("trial epochs", str(summary["trial_epochs"]))
+        table.add_row("trials table", summary["trials_uri"])
+    else:
+        table.add_row("epochs", str(summary["epochs"]))
     table.add_row("wall time", f"{summary['wall_time_s']:.1f} s")
     table.add_row("model", summary["model_uri"])
     console.print(table)
@@ -112,12 +227,16 @@ def print_runs(records: list[dict[str, Any]]) -> None:
     for col in ("name", "status", "backbone", "freeze", "epochs", "best val acc", "updated"):
         table.add_column(col)
     for r in records:
+        if r.get("kind") == "search":
+            epochs = f"{r['epochs_done']} in {r.get('trials', 0)} trials"
+        else:
+            epochs = f"{r['epochs_done']}/{r['epochs']}"
         table.add_row(
-            r["name"],
+            r["name"] + (" (search)" if r.get("kind") == "search" else ""),
             r["status"],
             r["backbone"] or "-",
             str(r["freeze_depth"]),
-            f"{r['epochs_done']}/{r['epochs']}",
+            epochs,
             _pct(r["best_val_acc"]),
             _when(r["updated_at"]),
         )
@@ -136,10 +255,20 @@ def print_run(r: dict[str, Any]) -> None:
         f"{_pct(r['best_val_acc'])} (epoch "
         f"{(r['best_epoch'] if r['best_epoch'] is not None else -1) + 1})",
     )
+    if r.get("kind") == "search":
+        values = r.get("hyperparameters") or {}
+        head.add_row(
+            "best trial",
+            f"{r.get('best_trial') or '-'} "
+            + ", ".join(f"{k}={_value(k, v)}" for k, v in values.items()),
+        )
     head.add_row("best checkpoint", ((r.get("model") or {}).get("checkpoint")) or "-")
     head.add_row("model", r["model_uri"] or "- (not exported yet)")
     head.add_row("location", r["uri"])
     console.print(head)
+    if r.get("kind") == "search":
+        print_trials(r)
+        return
     table = Table(title="per-epoch metrics", title_justify="left")
     for col in ("epoch", "train loss", "train acc", "val loss", "val acc", "img/s", "time"):
         table.add_column(col, justify="right")
@@ -159,3 +288,33 @@ def print_run(r: dict[str, Any]) -> None:
             f"event: {e.get('event')} at epoch {int(e.get('epoch', 0)) + 1} "
             f"({_when(e.get('time'))})"
         )
+
+
+def print_trials(r: dict[str, Any]) -> None:
+    """A search's trials, best first (from trials.parquet, or the metrics while running)."""
+    from jobs.search_space import dimensions
+
+    search = r["search"]
+    metric = search.get("metric", "val_acc")
+    keys = list(dimensions(search))
+    table = Table(title=f"trials (ranked by {metric})", title_justify="left")
+    for col in ("#", "trial", *keys, "status", "epochs", f"best {metric}", "checkpoint"):
+        table.add_column(
+            col, justify="left" if col in ("trial", "status", "checkpoint") else "right"
+        )
+    fmt = _pct if metric.endswith("acc") else _num
+    rows = r.get("trial_table") or []
+    for rank, t in enumerate(rows, 1):
+        status = t.get("status") or "-"
+        table.add_row(
+            str(rank),
+            t["trial_id"],
+            *(_value(k, t.get(k)) for k in keys),
+            f"[{_STATUS_STYLE.get(status, 'white')}]{status}[/]",
+            f"{t.get('epochs_run')}/{r.get('epochs')}",
+            fmt(t.get(f"best_{metric}")),
+            t.get("checkpoint_uri") or (t.get("error") or "-"),
+        )
+    if not rows:
+        console.print("no trials table yet (the search has not finished); metrics so far:")
+    console.print(table)

@@ -18,14 +18,43 @@ from typing import Any
 
 from jobs.errors import EXIT_FAILED, TlctlError
 from jobs.run import Prepared, run_job
+from jobs.tune import run_search
 
 INGEST_CPUS = 2  # logical CPUs left for Ray Data's read/decode tasks
 
 
-def ray_resources(spec: dict[str, Any]) -> dict[str, int]:
+def local_trials(spec: dict[str, Any]) -> int:
+    """Trials a search runs at once here: as many as this machine's CPUs/GPUs hold."""
+    from jobs.search_space import max_concurrent_trials
+
+    if not spec.get("search"):
+        return 1
     scaling = spec["scaling"]
-    workers = int(scaling["num_workers"])
-    cpus = math.ceil(float(scaling["cpus_per_worker"]) * workers) + INGEST_CPUS
+    return max_concurrent_trials(
+        spec["search"].get("max_concurrent_trials", "auto"),
+        num_workers=int(scaling["num_workers"]),
+        cpus_per_worker=float(scaling["cpus_per_worker"]),
+        use_gpu=bool(scaling["use_gpu"]),
+        cluster_cpus=float(os.cpu_count() or 1),
+        cluster_gpus=float(_gpu_count()) if scaling["use_gpu"] else 0.0,
+    )
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def ray_resources(spec: dict[str, Any]) -> dict[str, int]:
+    """The job's workers (each trial's, for a search) plus INGEST_CPUS for Ray Data."""
+    from jobs.tune import TRIAL_DRIVER_CPUS
+
+    scaling = spec["scaling"]
+    trials = local_trials(spec)
+    workers = int(scaling["num_workers"]) * trials
+    drivers = TRIAL_DRIVER_CPUS * trials if spec.get("search") else 0.0
+    cpus = math.ceil(float(scaling["cpus_per_worker"]) * workers + drivers) + INGEST_CPUS
     return {"num_cpus": cpus, "num_gpus": workers if scaling["use_gpu"] else 0}
 
 
@@ -40,11 +69,12 @@ def start_ray(spec: dict[str, Any], *, verbose: bool) -> bool:
         return False
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    # A search starts a few actors per trial (Tune's, Train's controller and workers); the
+    # raylet warns on the console past 4x this many starting at once, which is normal here.
+    os.environ.setdefault("RAY_worker_maximum_startup_concurrency", "16")
     res = ray_resources(spec)
     if spec["scaling"]["use_gpu"]:
-        import torch
-
-        have = torch.cuda.device_count()
+        have = _gpu_count()
         if have < res["num_gpus"]:
             raise TlctlError(
                 f"scaling.num_workers: {res['num_gpus']} GPU workers asked for, this machine "
@@ -52,7 +82,9 @@ def start_ray(spec: dict[str, Any], *, verbose: bool) -> bool:
             )
     ray.init(
         address="local",
-        include_dashboard=False,
+        # Ray Train frees the workers of a trial that Tune stops (ASHA) through the state
+        # API, which the dashboard serves; without it their CPUs stay reserved.
+        include_dashboard=bool(spec.get("search")),
         log_to_driver=verbose,
         logging_level=logging.INFO if verbose else logging.ERROR,
         **res,
@@ -71,7 +103,7 @@ def quiet_ray_logs() -> None:
     """Ray's console log lines off (its log files stay complete); only errors get through."""
     import ray.data  # noqa: F401 - configures the ray.data loggers we then quiet
 
-    for name in ("ray", "ray.data", "ray.train", "ray.tune"):
+    for name in ("ray", "ray.data", "ray.train", "ray.tune", "ray.air"):
         logger = logging.getLogger(name)
         for handler in logger.handlers:
             if not isinstance(handler, logging.FileHandler):
@@ -106,7 +138,17 @@ def run_local(
 
         def work() -> None:
             try:
-                outcome["summary"] = run_job(prepared, progress=progress, submitted_at=submitted_at)
+                if prepared.spec.get("search"):
+                    outcome["summary"] = run_search(
+                        prepared,
+                        progress=progress,
+                        submitted_at=submitted_at,
+                        concurrency=local_trials(prepared.spec),
+                    )
+                else:
+                    outcome["summary"] = run_job(
+                        prepared, progress=progress, submitted_at=submitted_at
+                    )
             except BaseException as exc:  # noqa: BLE001 - handed to the main thread
                 outcome["error"] = exc
 

@@ -10,9 +10,13 @@ import yaml
 from jobs.errors import TlctlError
 from jobs.metrics import epoch_lines, read_metrics
 from jobs.storage import Location, describe_error, exists, list_dir, read_text, resolve
+from jobs.trials import TRIALS_TABLE, read_trials_table
 
 
 def _status(run: Location, spec: dict[str, Any], epochs_done: int) -> str:
+    if spec.get("search"):
+        done = exists(run.join("model", "model.json")) and exists(run.join(TRIALS_TABLE))
+        return "complete" if done else "running/interrupted"
     if exists(run.join("model", "model.json")):
         return "complete"
     target = int((spec.get("train") or {}).get("epochs", 0))
@@ -33,8 +37,10 @@ def run_record(run: Location, *, detail: bool = False) -> dict[str, Any] | None:
     best = (model or {}).get("metrics") or (
         max(epochs, key=lambda m: m.get("val_acc", 0.0)) if epochs else {}
     )
+    search = spec.get("search")
     record: dict[str, Any] = {
         "name": spec.get("name", run.uri.rsplit("/", 1)[-1]),
+        "kind": "search" if search else "train",
         "status": _status(run, spec, len(epochs)),
         "backbone": (spec.get("backbone") or {}).get("name"),
         "freeze_depth": (spec.get("backbone") or {}).get("freeze_depth"),
@@ -47,7 +53,16 @@ def run_record(run: Location, *, detail: bool = False) -> dict[str, Any] | None:
         "model_uri": run.join("model").uri if model else None,
         "uri": run.uri,
     }
+    if search:
+        trial_ids = {m.get("trial_id") for m in lines if m.get("trial_id")}
+        record["trials"] = len(trial_ids)
+        record["best_trial"] = (model or {}).get("trial_id")
+        record["hyperparameters"] = (model or {}).get("hyperparameters")
+        record["freeze_depth"] = (model or {}).get("freeze_depth", "searched")
     if detail:
+        if search:
+            record["trial_table"] = read_trials_table(run)
+            record["search"] = search
         record["metrics"] = epochs
         record["events"] = [m for m in lines if m.get("kind") == "event"]
         record["model"] = model

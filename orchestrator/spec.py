@@ -150,15 +150,6 @@ class JobSpec(_Section):
         return v
 
 
-def ensure_runnable(spec: JobSpec) -> None:
-    """Refuse what this version validates but cannot run yet, before anything starts."""
-    if spec.search is not None:
-        raise TlctlError(
-            "search: running a search is not available in this tlctl version yet "
-            "(the spec is valid; remove the search block to train once)"
-        )
-
-
 def _semantic_errors(spec: JobSpec, *, allow_large_grid: bool = False) -> list[str]:
     """Checks that span fields (pydantic validates each field alone)."""
     errors = []

@@ -29,5 +29,10 @@ cat <<MSG
 The S3 server is still running, so you can explore the runs:
   . .venv/bin/activate && eval "\$(python -m cluster.local.s3server env --dir $S3DIR)"
   tlctl runs show quickstart --storage s3://tlctl/runs --endpoint http://127.0.0.1:9000
+Next, a Ray Tune search over freeze depth and learning rate on the same data (a few more
+minutes), its ranked trials and a visual report:
+  tlctl submit examples/search.yaml --local
+  tlctl runs show search-demo --storage s3://tlctl/runs --endpoint http://127.0.0.1:9000
+  tlctl report search-demo --storage s3://tlctl/runs --endpoint http://127.0.0.1:9000 --out report/
 Stop it with:  python -m cluster.local.s3server down --dir $S3DIR
 MSG

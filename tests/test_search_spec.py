@@ -27,7 +27,7 @@ from jobs.search_space import (
 )
 from orchestrator.cli import app
 from orchestrator.search_spec import MAX_GRID_TRIALS
-from orchestrator.spec import ensure_runnable, load_spec, parse_spec
+from orchestrator.spec import load_spec, parse_spec
 
 runner = CliRunner()
 
@@ -252,16 +252,7 @@ def test_random_search_has_no_grid_limit() -> None:
     assert parse_spec(spec_with(big_grid() | {"search_alg": "random"}))
 
 
-# --- client edge: validate accepts, submit must refuse -----------------------------------------
-
-
-def test_ensure_runnable_refuses_a_search() -> None:
-    spec = parse_spec(spec_with({"lr": [0.1]}))
-    with pytest.raises(TlctlError) as info:
-        ensure_runnable(spec)
-    assert info.value.exit_code == 2
-    assert info.value.message.startswith("search: running a search is not available")
-    ensure_runnable(parse_spec(spec_with(None)))  # a plain job runs
+# --- client edge -------------------------------------------------------------------------------
 
 
 def test_cli_validate_accepts_a_search(tmp_path: Path) -> None:
@@ -458,7 +449,7 @@ def test_applied_trial_is_a_valid_plain_job() -> None:
     spec = parse_spec(spec_with({"freeze_depth": {"range": [0, 5]}, "batch_size": [8, 16]}))
     for config in grid_combinations(spec.model_dump()["search"]):
         trial = parse_spec(apply_trial(spec.model_dump(), config))
-        ensure_runnable(trial)
+        assert trial.search is None
         assert trial.backbone.freeze_depth == config["freeze_depth"]
         assert trial.train.batch_size == config["batch_size"]
 
@@ -466,3 +457,35 @@ def test_applied_trial_is_a_valid_plain_job() -> None:
 def test_targets_cover_every_dimension() -> None:
     assert set(search_space.TARGETS) == set(search_space.DIMENSIONS)
     assert search_space.DIMENSIONS == ("freeze_depth", "lr", "weight_decay", "batch_size")
+
+
+# --- local Ray sizing for a search ------------------------------------------------------------
+
+
+def test_local_search_runs_as_many_trials_as_the_cpus_hold(monkeypatch) -> None:
+    from orchestrator import local
+
+    monkeypatch.setattr(local.os, "cpu_count", lambda: 8)
+    one = parse_spec(spec_with({"lr": [0.1, 0.01]}, scaling={"num_workers": 2})).model_dump()
+    assert local.local_trials(one) == 4  # 8 CPUs / (2 workers x 1 CPU)
+    capped = parse_spec(
+        spec_with({"lr": [0.1], "max_concurrent_trials": 16}, scaling={"num_workers": 2})
+    ).model_dump()
+    assert local.local_trials(capped) == 4  # never more than fit
+    res = local.ray_resources(one)
+    # 4 trials x 2 workers, the trials' token driver CPUs rounded up, + ingest
+    assert res == {"num_cpus": 8 + 1 + local.INGEST_CPUS, "num_gpus": 0}
+    plain = parse_spec(spec_with(None, scaling={"num_workers": 2})).model_dump()
+    assert local.local_trials(plain) == 1
+    assert local.ray_resources(plain) == {"num_cpus": 2 + local.INGEST_CPUS, "num_gpus": 0}
+
+
+def test_hyperparameters_are_plain_numbers_in_dimension_order() -> None:
+    from jobs.tune import hyperparameters
+
+    search = parse_spec(spec_with({"lr": [0.1], "freeze_depth": [1]})).model_dump()["search"]
+    import numpy as np
+
+    values = hyperparameters(search, {"lr": np.float64(0.1), "freeze_depth": np.int64(1)})
+    assert values == {"freeze_depth": 1, "lr": 0.1}
+    assert [type(v) for v in values.values()] == [int, float]

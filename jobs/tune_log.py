@@ -1,0 +1,90 @@
+"""The search driver's Tune callback: the run's metrics.jsonl and the live trials table.
+
+Tune pickles its callbacks into the experiment state and unpickles them on restore, so
+this class lives at module level (pickled by reference) and holds only plain values; the
+progress queue of the current process is looked up in `PROGRESS` by run URI.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from ray.tune import Callback
+
+from jobs.metrics import read_metrics
+from jobs.storage import Location, resolve, write_text
+from jobs.tune import TUNE_RESULT_KEYS, hyperparameters
+
+# Progress queues by run URI (set by run_search for the length of tuner.fit()).
+PROGRESS: dict[str, Any] = {}
+
+
+class SearchLog(Callback):
+    """Single writer of the run's metrics.jsonl; one line per trial epoch and event."""
+
+    def __init__(self, run_uri: str, endpoint: str | None, search: dict, epochs: int):
+        self.run_uri, self.endpoint = run_uri, endpoint
+        self.search, self.epochs = search, epochs
+        self.lines: list[dict[str, Any]] | None = None
+
+    def _loc(self) -> Location:
+        return resolve(self.run_uri, self.endpoint).join("metrics.jsonl")
+
+    def _load(self) -> list[dict[str, Any]]:
+        if self.lines is None:
+            self.lines = read_metrics(self._loc())
+        return self.lines
+
+    def _trial_tags(self, trial) -> dict[str, Any]:
+        return {"trial_id": trial.trial_id, **hyperparameters(self.search, trial.config)}
+
+    def _write(self, line: dict[str, Any], *, replace_epoch: bool = False) -> None:
+        lines = self._load()
+        if replace_epoch:  # a resumed trial re-runs epochs: keep one line per epoch
+            key = (line["trial_id"], line["epoch"])
+            lines[:] = [
+                m
+                for m in lines
+                if m.get("kind") != "epoch" or (m.get("trial_id"), m.get("epoch")) != key
+            ]
+        lines.append({**line, "time": time.time()})
+        write_text(self._loc(), "".join(json.dumps(m, sort_keys=True) + "\n" for m in lines))
+
+    def _progress(self, item: dict[str, Any]) -> None:
+        queue = PROGRESS.get(self.run_uri)
+        if queue is None:
+            return
+        try:
+            queue.put_nowait({"search": True, **item})
+        except Exception:  # noqa: BLE001 - progress is best effort
+            pass
+
+    def setup(self, **info: Any) -> None:
+        self._load()
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._write({"kind": "event", "event": "trial_started", **self._trial_tags(trial)})
+        self._progress({**self._trial_tags(trial), "status": "running"})
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        metrics = {k: v for k, v in result.items() if k not in TUNE_RESULT_KEYS}
+        if "epoch" not in metrics:
+            return
+        line = {"kind": "epoch", **self._trial_tags(trial), **metrics}
+        self._write(line, replace_epoch=True)
+        self._progress({**line, "status": "running"})
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        done = int((trial.last_result or {}).get("epochs_done", 0))
+        status = "completed" if done >= self.epochs else "stopped"
+        self._write(
+            {"kind": "event", "event": f"trial_{status}", "epochs_done": done}
+            | self._trial_tags(trial)
+        )
+        self._progress({**self._trial_tags(trial), "status": status})
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._write({"kind": "event", "event": "trial_error"} | self._trial_tags(trial))
+        self._progress({**self._trial_tags(trial), "status": "error"})

@@ -5,13 +5,15 @@
 Workload (the quickstart's pair): resnet18 pre-trained by tlctl on the synthetic *source*
 shapes, fine-tuned on the *target* shapes, 32 px, 1 worker per trial, trials side by side.
 
-1. ASHA efficiency: the same grid (freeze_depth × lr, so both arms see the same trials)
-   with ASHA (reduction factor 4, grace 1 epoch, max `--epochs`) vs FIFO: total
-   trial-epochs ratio, and the best val accuracy of each.
+1. ASHA efficiency: the same random search (freeze_depth in 0..4, lr log-uniform, the same
+   seed, so both arms sample the same `--samples` trials) with ASHA (reduction factor 4,
+   grace 1 epoch, max `--epochs`) vs FIFO: total trial-epochs ratio, and the best val
+   accuracy of each.
 2. Tune overhead: each search's wall time ÷ (sum of its trials' times ÷ concurrency),
    trial time = from Tune starting the trial to its end, as the run's metrics record.
 3. Freeze depth and transfer: best val accuracy and time per epoch for each freeze depth,
-   from the pre-trained source model (the FIFO grid) and from scratch (same budget).
+   from the pre-trained source model (the FIFO search) and from scratch (a FIFO grid over
+   the freeze depths at lr 1e-3, same epochs).
 """
 
 from __future__ import annotations
@@ -38,7 +40,6 @@ from jobs.trials import read_trials_table  # noqa: E402
 
 SIZE, CLASSES = 32, 6
 FREEZE = [0, 1, 2, 3, 4]
-LRS = [3e-4, 1e-3, 3e-3]
 
 
 def tlctl(*args: str) -> dict:
@@ -128,9 +129,14 @@ def best_by_freeze(rows: list[dict]) -> dict[str, float]:
     return out
 
 
+def _values(rows: list[dict]) -> list[tuple]:
+    return sorted((r["freeze_depth"], round(r["lr"], 12)) for r in rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--samples", type=int, default=24)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -165,35 +171,39 @@ def main() -> None:
     print(f"source pre-train: {src['best_val_acc']:.3f} in {time.perf_counter() - t0:.0f} s")
     weights = str(work / "runs" / "source" / "model")
 
-    grid = {
-        "freeze_depth": FREEZE,
-        "lr": LRS,
-        "search_alg": "grid",
+    space = {
+        "freeze_depth": {"range": [min(FREEZE), max(FREEZE)]},
+        "lr": {"loguniform": [1e-4, 3e-2]},
+        "search_alg": "random",
+        "num_samples": args.samples,
         "grace_period": 1,
         "reduction_factor": 4,
         "max_concurrent_trials": 2,
     }
     arms = {}
-    for name, scheduler in (("asha", "asha"), ("fifo", "fifo")):
-        arms[name] = search_arm(work, name, weights, args.epochs, {**grid, "scheduler": scheduler})
+    for name in ("asha", "fifo"):
+        arms[name] = search_arm(work, name, weights, args.epochs, {**space, "scheduler": name})
         a = arms[name]
         print(
             f"{name}: {a['trials']} trials, {a['trial_epochs']} trial-epochs, best "
             f"{a['best_val_acc']:.3f}, {a['search_s']:.0f} s (ideal {a['ideal_s']:.0f} s)",
             flush=True,
         )
-    scratch = search_arm(
-        work,
-        "scratch",
-        "none",
-        args.epochs,
-        {**grid, "lr": [1e-3], "scheduler": "fifo"},
-    )
+    scratch_grid = {
+        "freeze_depth": FREEZE,
+        "lr": [1e-3],
+        "search_alg": "grid",
+        "scheduler": "fifo",
+        "max_concurrent_trials": 2,
+    }
+    scratch = search_arm(work, "scratch", "none", args.epochs, scratch_grid)
     asha, fifo = arms["asha"], arms["fifo"]
     result = {
         "machine": f"{platform.node()} {os.cpu_count()} CPUs, {platform.processor()}",
         "recorded": time.strftime("%Y-%m-%d %H:%M:%S"),
         "epochs": args.epochs,
+        "samples": args.samples,
+        "same_trials_in_both_arms": _values(arms["asha"]["rows"]) == _values(arms["fifo"]["rows"]),
         "source_val_acc": src["best_val_acc"],
         "asha_epochs_ratio": asha["trial_epochs"] / fifo["trial_epochs"],
         "asha_best_minus_fifo_best": asha["best_val_acc"] - fifo["best_val_acc"],

@@ -148,17 +148,21 @@ def _scheduler(search: dict[str, Any], epochs: int):
     )
 
 
-def _search_alg(search: dict[str, Any]):
+def _search_alg(search: dict[str, Any], *, seed: int, concurrency: int):
+    """The searcher, seeded with train.seed: the same spec samples the same trials."""
     if search["search_alg"] != "optuna":
-        return None
+        from ray.tune.search.basic_variant import BasicVariantGenerator
+
+        return BasicVariantGenerator(max_concurrent=concurrency, random_state=seed)
     try:
+        from ray.tune.search import ConcurrencyLimiter
         from ray.tune.search.optuna import OptunaSearch
     except ImportError as exc:
         raise TlctlError(
             f"search.search_alg: optuna is not installed ({exc}); pip install 'tlctl[optuna]' "
             "(valid without it: random, grid)"
         ) from None
-    return OptunaSearch()
+    return ConcurrencyLimiter(OptunaSearch(seed=seed), max_concurrent=concurrency)
 
 
 def _tuner(prepared: Prepared, datasets: dict, concurrency: int):
@@ -191,9 +195,11 @@ def _tuner(prepared: Prepared, datasets: dict, concurrency: int):
             metric=search["metric"],
             mode=search["mode"],
             num_samples=int(search["num_samples"]),
-            max_concurrent_trials=concurrency,
             scheduler=_scheduler(search, epochs),
-            search_alg=_search_alg(search),
+            # The searcher holds the concurrency limit (TuneConfig's would be ignored).
+            search_alg=_search_alg(
+                search, seed=int(spec["train"].get("seed", 0)), concurrency=concurrency
+            ),
             trial_name_creator=lambda t: t.trial_id,
             trial_dirname_creator=lambda t: t.trial_id,
         ),

@@ -1,8 +1,7 @@
 """`tlctl report`: a hyperparameter search as PNG plots, a CSV and one self-contained HTML page.
 
-Reads storage only (spec, metrics.jsonl, trials.parquet, model.json); no Ray. matplotlib and
-`jobs.tune` (which imports torch) are imported inside the functions that need them, so the
-rest of the CLI stays fast.
+Reads storage only (spec, metrics.jsonl, trials.parquet, model.json); no Ray, no torch.
+matplotlib is imported inside the functions that draw, so the rest of the CLI stays fast.
 """
 
 from __future__ import annotations

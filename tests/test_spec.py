@@ -174,7 +174,7 @@ def test_cli_submit_needs_a_target(tmp_path: Path) -> None:
     assert "--local" in result.output
 
 
-def test_cli_refuses_to_run_a_valid_search_and_accepts_large_grids_with_yes(tmp_path: Path) -> None:
+def test_cli_runs_large_grids_only_with_yes(tmp_path: Path) -> None:
     raw = base(
         search={
             "lr": [round(0.001 * (i + 1), 6) for i in range(40)],
@@ -188,9 +188,12 @@ def test_cli_refuses_to_run_a_valid_search_and_accepts_large_grids_with_yes(tmp_
     big = runner.invoke(app, ["validate", str(spec)])
     assert big.exit_code == 2 and "grid has 1200 trials (> 1000); pass --yes" in big.output
     assert runner.invoke(app, ["validate", str(spec), "--yes"]).exit_code == 0
+    refused = runner.invoke(app, ["submit", str(spec), "--local"])
+    assert refused.exit_code == 2 and "pass --yes" in refused.output
+    # With --yes the spec is accepted and pre-flight runs (and finds no S3 server here).
     result = runner.invoke(app, ["submit", str(spec), "--local", "--yes"])
     assert result.exit_code == 2
-    assert "search: running a search is not available" in result.output
+    assert "grid has" not in result.output and "error: storage" in result.output
 
 
 def test_cli_prints_brackets_in_messages_literally(tmp_path: Path) -> None:

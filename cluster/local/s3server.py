@@ -284,7 +284,9 @@ def _weed_command(weed: str, data_dir: Path, ports: dict[str, int]) -> list[str]
         "-master.telemetry=false",
         "-master.electionTimeout=1s",  # a restart on old data waits ~12 s with the 10 s default
         "-master.volumeSizeLimitMB=64",
-        "-volume.max=100",  # volumes are sparse files; this caps growth, not disk use
+        # Volumes are sparse files: this caps growth, not disk use. 100 x 64 MB (6.4 GB) was
+        # too little for the test suite, whose deleted checkpoints stay until a vacuum.
+        "-volume.max=1000",
         "-volume.preStopSeconds=0",
     ]
 

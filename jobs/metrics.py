@@ -33,6 +33,11 @@ def read_metrics(loc: Location) -> list[dict[str, Any]]:
     return parse_lines(read_text(loc)) if exists(loc) else []
 
 
+def write_metrics(loc: Location, lines: list[dict[str, Any]]) -> None:
+    """Rewrite the whole log (S3 has no append): one sorted-key JSON object per line."""
+    write_text(loc, "".join(json.dumps(m, sort_keys=True) + "\n" for m in lines))
+
+
 def epoch_lines(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [m for m in lines if m.get("kind", "epoch") == "epoch"]
 
@@ -55,7 +60,7 @@ class MetricsLog:
 
     def _write(self, line: dict[str, Any]) -> None:
         self.lines.append({**self.tags, **line, "time": time.time()})
-        write_text(self.loc, "".join(json.dumps(m, sort_keys=True) + "\n" for m in self.lines))
+        write_metrics(self.loc, self.lines)
 
     def epoch(self, metrics: dict[str, Any]) -> None:
         self._write({"kind": "epoch", **metrics})

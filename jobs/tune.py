@@ -25,7 +25,7 @@ import time
 from typing import Any
 
 from jobs.errors import EXIT_FAILED, TlctlError
-from jobs.metrics import epoch_lines, read_metrics
+from jobs.metrics import epoch_lines, read_metrics, write_metrics
 from jobs.run import (
     Prepared,
     _public_metrics,
@@ -266,7 +266,7 @@ def _append_event(prepared: Prepared, name: str) -> None:
     loc = prepared.run.join("metrics.jsonl")
     lines = read_metrics(loc)
     lines.append({"kind": "event", "event": name, "time": time.time()})
-    write_text(loc, "".join(json.dumps(m, sort_keys=True) + "\n" for m in lines))
+    write_metrics(loc, lines)
 
 
 def trial_rows(prepared: Prepared, grid) -> list[dict[str, Any]]:

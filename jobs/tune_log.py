@@ -7,14 +7,13 @@ progress queue of the current process is looked up in `PROGRESS` by run URI.
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
 from ray.tune import Callback
 
-from jobs.metrics import read_metrics
-from jobs.storage import Location, resolve, write_text
+from jobs.metrics import read_metrics, write_metrics
+from jobs.storage import Location, resolve
 from jobs.tune import TUNE_RESULT_KEYS, hyperparameters
 
 # Progress queues by run URI (set by run_search for the length of tuner.fit()).
@@ -50,7 +49,7 @@ class SearchLog(Callback):
                 if m.get("kind") != "epoch" or (m.get("trial_id"), m.get("epoch")) != key
             ]
         lines.append({**line, "time": time.time()})
-        write_text(self._loc(), "".join(json.dumps(m, sort_keys=True) + "\n" for m in lines))
+        write_metrics(self._loc(), lines)
 
     def _progress(self, item: dict[str, Any]) -> None:
         queue = PROGRESS.get(self.run_uri)

@@ -366,6 +366,9 @@ def _parquet_dataset(split: Split, size: int, data: dict[str, Any], classes: lis
     )
 
 
+AUGMENT_TASK_CPUS = 0.25
+
+
 def should_cache(plan: DataPlan, size: int, cache: str | bool) -> bool:
     """`auto`: keep decoded images when they fit comfortably in the object store."""
     if cache in (True, "true"):
@@ -404,7 +407,11 @@ def build_datasets(plan: DataPlan, data: dict[str, Any]) -> dict[str, Any]:
         # cost a shuffle stage on the CPUs training needs.)
         train = train.randomize_block_order()
     if data.get("augment", True):
-        train = train.map_batches(augment_batch, batch_size=256, batch_format="numpy")
+        # A cheap per-epoch map: a quarter CPU fits beside a search trial's token-CPU driver
+        # on any node (whole-CPU tasks would not, and the trial would wait forever).
+        train = train.map_batches(
+            augment_batch, batch_size=256, batch_format="numpy", num_cpus=AUGMENT_TASK_CPUS
+        )
     return {"train": train, "val": val}
 
 

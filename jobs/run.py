@@ -89,18 +89,21 @@ def _check_resume(spec: dict[str, Any], run: Location, classes: list[str]) -> tu
     return True, complete
 
 
-def preflight(spec: dict[str, Any]) -> Prepared:
+def preflight(spec: dict[str, Any], *, check_weights: bool = True) -> Prepared:
     """Validate storage, data and weights against the real world; no compute, no writes.
 
-    The writability probe on storage puts and deletes one small object.
+    The writability probe on storage puts and deletes one small object. `check_weights`
+    False skips building the model (a client submitting `weights: imagenet` to a cluster
+    that downloads them itself; the job's own pre-flight on the cluster checks them).
     """
     root = resolve(spec["storage"]["uri"], spec["storage"].get("endpoint"))
     run = root.join(spec["name"])
     # Probe the storage root, not the run prefix: a run that fails pre-flight leaves no trace.
     check_writable(root)
     plan = plan_data(data_section(spec), seed=int(spec["train"].get("seed", 0)))
-    # Builds the model once on the driver: checks freeze depth and that weights load.
-    build_job_model(spec, plan.num_classes)
+    if check_weights:
+        # Builds the model once on the driver: checks freeze depth and that weights load.
+        build_job_model(spec, plan.num_classes)
     mean, std = backbones.normalization(spec["backbone"]["name"], spec["backbone"]["weights"])
     resuming, complete = _check_resume(spec, run, plan.classes)
     return Prepared(spec, run, plan, mean, std, resuming, complete)

@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 import pyarrow.fs as pafs
 
+from jobs.credentials import adopt_shipped_credentials
 from jobs.errors import TlctlError
 
 # Bounded so an unreachable or stalled server fails in seconds, not minutes. The request
@@ -169,6 +170,7 @@ def _s3_filesystem(endpoint: str | None) -> pafs.FileSystem:
     Credentials are looked up by the AWS SDK on each request, so a cached filesystem follows
     changes of AWS_* variables.
     """
+    adopt_shipped_credentials()  # a cluster job's --pass-credentials file, if any
     region = _region(endpoint)
     key = ("s3", endpoint, region)
     with _FS_LOCK:

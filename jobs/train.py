@@ -227,6 +227,32 @@ def load_checkpoint(checkpoint, model, optimizer, scheduler) -> dict[str, Any]:
             return json.load(f)
 
 
+def worker_placement(rank: int, device: torch.device) -> dict[str, Any]:
+    """Where this worker runs: Ray node id and IP, host, process and device."""
+    import socket
+
+    import ray
+
+    return {
+        "rank": rank,
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "node_ip": ray.util.get_node_ip_address(),
+        "hostname": socket.gethostname(),
+        "pid": os.getpid(),
+        "device": str(device),
+    }
+
+
+def gather_placement(rank: int, world: int, device: torch.device) -> list[dict[str, Any]]:
+    """Every worker's placement, by rank (collective: all ranks call it)."""
+    mine = worker_placement(rank, device)
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        out: list[Any] = [None] * world
+        dist.all_gather_object(out, mine)
+        return out
+    return [mine]
+
+
 class _Progress:
     """Per-step callback: notes the first step's time (start-up cost) and pushes progress
     to the driver's queue (local runs), at most ~4 times a second."""
@@ -293,10 +319,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     run = resolve(config["run_uri"], spec["storage"].get("endpoint"))
     tags = config.get("metrics_tags") or {}
     log = MetricsLog(run.join("metrics.jsonl"), **tags) if rank == 0 else None
+    workers = gather_placement(rank, world, device)
     if log is not None:
         log.load(keep_before_epoch=start_epoch)
         if resumed_from is not None:
             log.event("resumed", epoch=start_epoch, from_checkpoint_epoch=resumed_from)
+        # Which node each worker ran on (again after every restart: placement can change).
+        log.event("workers", epoch=start_epoch, workers=workers)
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")

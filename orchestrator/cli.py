@@ -5,18 +5,25 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 
 from jobs.errors import TlctlError
+from orchestrator.cli_cluster import cluster_app, jobs_app
+from orchestrator.cli_common import (
+    AddressOpt,
+    EndpointOpt,
+    JsonOpt,
+    StorageOpt,
+    YesOpt,
+    guarded,
+)
 
 app = typer.Typer(
     name="tlctl",
@@ -30,57 +37,8 @@ data_app = typer.Typer(no_args_is_help=True, help="Datasets: make synthetic ones
 runs_app = typer.Typer(no_args_is_help=True, help="Runs recorded in storage (no Ray needed).")
 app.add_typer(data_app, name="data")
 app.add_typer(runs_app, name="runs")
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-StorageOpt = Annotated[
-    str,
-    typer.Option(
-        "--storage", envvar="TLCTL_STORAGE", help="Runs root: s3://bucket/prefix or a local dir."
-    ),
-]
-EndpointOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--endpoint",
-        envvar=["AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"],
-        help="S3 endpoint URL (MinIO, SeaweedFS); omit for AWS.",
-    ),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
-YesOpt = Annotated[
-    bool, typer.Option("--yes", "-y", help="Accept a search grid of more than 1,000 trials.")
-]
-
-
-def guarded(fn: F) -> F:
-    """Turn TlctlError into `error: …` on stderr and its exit code; Ctrl-C into 130."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except TlctlError as exc:
-            from rich.markup import escape
-
-            from orchestrator.display import err_console
-
-            # Messages hold literal brackets ("[lo, hi]"): never read them as Rich markup.
-            err_console.print(f"[bold red]error:[/] {escape(exc.message)}", soft_wrap=True)
-            raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            from orchestrator.display import err_console
-
-            err_console.print(
-                "interrupted: submit the same spec again to resume from the last checkpoint"
-            )
-            # A hard exit: Ray may still be mid-call in the training thread, where a normal
-            # interpreter exit (atexit ray.shutdown) can crash. Ray's processes share ours.
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(130)
-
-    return wrapper  # type: ignore[return-value]
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(cluster_app, name="cluster")
 
 
 @app.command()
@@ -88,10 +46,31 @@ def guarded(fn: F) -> F:
 def submit(
     spec: Annotated[Path, typer.Argument(help="Job spec YAML.")],
     local: Annotated[bool, typer.Option("--local", help="Run on an embedded local Ray.")] = False,
-    address: Annotated[
-        str | None,
-        typer.Option("--address", envvar="RAY_ADDRESS", help="Ray cluster dashboard address."),
+    address: AddressOpt = None,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Cluster: show progress until the job ends.")
+    ] = False,
+    pass_credentials: Annotated[
+        bool,
+        typer.Option(
+            "--pass-credentials",
+            help="Cluster: ship this machine's AWS key pair to the job (dev clusters).",
+        ),
+    ] = False,
+    pip: Annotated[
+        list[str] | None,
+        typer.Option("--pip", help="Cluster: extra pip requirement for the job (repeatable)."),
     ] = None,
+    driver_cpus: Annotated[
+        float,
+        typer.Option(
+            "--driver-cpus",
+            help="Cluster: CPUs reserved for the job's driver (0: it runs on the head node).",
+        ),
+    ] = 0.0,
+    driver_memory_mb: Annotated[
+        int, typer.Option("--driver-memory-mb", help="Cluster: memory reserved for the driver.")
+    ] = 0,
     set_: Annotated[
         list[str] | None,
         typer.Option("--set", help="Override a spec field: key.path=value (repeatable)."),
@@ -100,39 +79,38 @@ def submit(
     yes: YesOpt = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Validate a job spec, pre-flight storage and data, then train (or resume)."""
+    """Validate, pre-flight, then train or resume: --local here, or on a Ray cluster (--address)."""
     submitted_at = time.time()
-    from orchestrator.spec import load_spec
-
+    if local and address and "RAY_ADDRESS" not in os.environ:
+        raise TlctlError("--local and --address: choose one (this machine, or a cluster)")
     if not local:
-        if address:
-            raise TlctlError(
-                "--address: cluster submission is not available in this tlctl "
-                "version (valid: --local)"
-            )
-        raise TlctlError("no cluster given: pass --local to run on this machine")
-    job = load_spec(spec, set_ or [], local=True, allow_large_grid=yes)
+        code = _submit_to_cluster(
+            spec,
+            address=address,
+            overrides=set_ or [],
+            wait=wait,
+            pass_credentials=pass_credentials,
+            pip=pip or [],
+            driver_cpus=driver_cpus,
+            driver_memory_mb=driver_memory_mb,
+            verbose=verbose,
+            yes=yes,
+            json_out=json_out,
+            submitted_at=submitted_at,
+        )
+        raise typer.Exit(code)
+    job = load_spec_cli(spec, set_ or [], local=True, yes=yes)
     from jobs.run import preflight
-    from orchestrator.display import (
-        QuietProgress,
-        SearchProgress,
-        TrainingProgress,
-        console,
-        print_summary,
-        start_line,
-    )
-    from orchestrator.local import run_local
+    from jobs.scaling import resolve_num_workers
+    from orchestrator.display import console, print_summary, start_line
+    from orchestrator.local import _gpu_count, run_local
 
-    prepared = preflight(job.model_dump())
+    raw = job.model_dump()
+    gpus = _gpu_count() if raw["scaling"]["use_gpu"] else 0
+    prepared = preflight(resolve_num_workers(raw, gpus=gpus, where="this machine"))
     if not json_out:
         console.print(start_line(prepared), soft_wrap=True)
-    if json_out:
-        display: Any = QuietProgress()
-    elif job.search is not None:
-        display = SearchProgress(job.train.epochs, job.search.metric)
-    else:
-        display = TrainingProgress(job.train.epochs)
-    with display as progress:
+    with _progress_display(prepared.spec, json_out) as progress:
         summary = run_local(
             prepared, verbose=verbose, submitted_at=submitted_at, on_progress=progress.update
         )
@@ -140,6 +118,138 @@ def submit(
         typer.echo(json.dumps(summary, indent=1))
     else:
         print_summary(summary)
+
+
+def load_spec_cli(spec: Path, overrides: list[str], *, local: bool, yes: bool):
+    from orchestrator.spec import load_spec
+
+    return load_spec(spec, overrides, local=local, allow_large_grid=yes)
+
+
+def _progress_display(spec: dict[str, Any], json_out: bool) -> Any:
+    from orchestrator.display import QuietProgress, SearchProgress, TrainingProgress
+
+    if json_out:
+        return QuietProgress()
+    if spec.get("search"):
+        return SearchProgress(int(spec["train"]["epochs"]), spec["search"]["metric"])
+    return TrainingProgress(int(spec["train"]["epochs"]))
+
+
+def _submit_to_cluster(
+    spec_path: Path,
+    *,
+    address: str | None,
+    overrides: list[str],
+    wait: bool,
+    pass_credentials: bool,
+    pip: list[str],
+    driver_cpus: float,
+    driver_memory_mb: int,
+    verbose: bool,
+    yes: bool,
+    json_out: bool,
+    submitted_at: float,
+) -> int:
+    """Validate, pre-flight from here, submit; with --wait follow to the end (exit = outcome)."""
+    from jobs.run import preflight
+    from orchestrator.display import console
+    from orchestrator.jobs_api import cluster_address, connect, is_loopback
+    from orchestrator.submit import remote_path_errors, submit_job
+
+    url = cluster_address(address)
+    job = load_spec_cli(spec_path, overrides, local=False, yes=yes)
+    spec = job.model_dump()
+    if not is_loopback(url):
+        errors = remote_path_errors(spec)
+        if errors:
+            raise TlctlError("invalid job spec for a remote cluster:\n" + "\n".join(errors))
+    # imagenet weights are downloaded (and checked) by the job on the cluster.
+    prepared = preflight(spec, check_weights=spec["backbone"]["weights"] != "imagenet")
+    if prepared.complete:
+        if json_out:
+            typer.echo(json.dumps({"run": spec["name"], "already_complete": True}))
+        else:
+            console.print(
+                f"run {spec['name']} is already complete at {prepared.run.uri}: nothing "
+                "submitted (choose a new name to train again)"
+            )
+        return 0
+    client = connect(url)
+    job_id = submit_job(
+        client,
+        prepared,
+        submitted_at=submitted_at,
+        pass_credentials=pass_credentials,
+        pip=pip,
+        driver_cpus=driver_cpus,
+        driver_memory_mb=driver_memory_mb,
+        verbose=verbose,
+    )
+    if not wait:
+        if json_out:
+            typer.echo(json.dumps({"job_id": job_id, "address": url, "run": spec["name"]}))
+        else:
+            verb = "resumes" if prepared.resuming else "starts"
+            console.print(
+                f"submitted job [bold]{job_id}[/] to {url}: run {spec['name']} {verb} → "
+                f"{prepared.run.uri}\n  follow: tlctl jobs logs {job_id} --follow   "
+                f"status: tlctl jobs status {job_id}   stop: tlctl jobs stop {job_id}",
+                soft_wrap=True,
+            )
+        return 0
+    return _wait(client, job_id, prepared, json_out=json_out, url=url)
+
+
+def _wait(client, job_id: str, prepared, *, json_out: bool, url: str) -> int:
+    """Follow a submitted job like --local shows a run; the exit code is the job's outcome."""
+    from jobs.entrypoint import ERROR_PREFIX, SUMMARY_PREFIX
+    from orchestrator.display import console, err_console, print_summary
+    from orchestrator.jobs_api import job_logs
+    from orchestrator.submit import wait_for_job
+
+    if not json_out:
+        console.print(f"job [bold]{job_id}[/] submitted to {url}; following (Ctrl-C detaches)")
+
+    def on_status(row: dict[str, Any]) -> None:
+        if not json_out:
+            console.print(f"job {job_id}: {row['status']}")
+
+    try:
+        with _progress_display(prepared.spec, json_out) as progress:
+            row = wait_for_job(client, job_id, prepared, progress.update, on_status)
+    except KeyboardInterrupt:
+        err_console.print(
+            f"detached: job {job_id} keeps running on the cluster "
+            f"(tlctl jobs logs {job_id} --follow; tlctl jobs stop {job_id})"
+        )
+        return 130
+    logs = job_logs(client, job_id)
+    summary = _last_json(logs, SUMMARY_PREFIX)
+    if json_out:
+        typer.echo(json.dumps({"job": row, "summary": summary}, indent=1, default=str))
+    elif summary:
+        print_summary(summary)
+    if row["status"] == "SUCCEEDED":
+        return 0
+    reason = _last_line(logs, ERROR_PREFIX) or row.get("message") or row["status"]
+    err_console.print(f"[bold red]error:[/] job {job_id} {row['status']}: ", end="")
+    err_console.print(reason, markup=False, soft_wrap=True)
+    code = row.get("exit_code")
+    return code if isinstance(code, int) and code > 0 else 1
+
+
+def _last_line(text: str, prefix: str) -> str | None:
+    lines = [ln[len(prefix) :] for ln in text.splitlines() if ln.startswith(prefix)]
+    return lines[-1] if lines else None
+
+
+def _last_json(text: str, prefix: str) -> dict[str, Any] | None:
+    line = _last_line(text, prefix)
+    try:
+        return json.loads(line) if line else None
+    except ValueError:
+        return None
 
 
 @app.command()
@@ -150,21 +260,32 @@ def validate(
     preflight_: Annotated[
         bool, typer.Option("--preflight", help="Also check storage, data and weights for real.")
     ] = False,
+    resolved: Annotated[
+        bool,
+        typer.Option(
+            "--resolved",
+            help="Print the resolved spec (every default filled in, paths absolute): the "
+            "spec file `python -m jobs.entrypoint` runs, e.g. in a KubeRay RayJob.",
+        ),
+    ] = False,
     yes: YesOpt = False,
 ) -> None:
     """Check a job spec (and optionally storage/data/weights) without training."""
-    from orchestrator.spec import load_spec
-
-    job = load_spec(spec, set_ or [], allow_large_grid=yes)
+    job = load_spec_cli(spec, set_ or [], local=not resolved, yes=yes)
     if preflight_:
         from jobs.run import preflight
 
         prepared = preflight(job.model_dump())
         typer.echo(
             f"ok: {job.name}: {prepared.plan.num_classes} classes, "
-            f"{prepared.plan.train_rows} train images, storage {prepared.run.uri} writable"
+            f"{prepared.plan.train_rows} train images, storage {prepared.run.uri} writable",
+            err=resolved,
         )
-    else:
+    if resolved:
+        import yaml
+
+        typer.echo(yaml.safe_dump(job.model_dump(), sort_keys=False), nl=False)
+    elif not preflight_:
         typer.echo(f"ok: {job.name}")
 
 

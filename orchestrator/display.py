@@ -263,6 +263,15 @@ def print_run(r: dict[str, Any]) -> None:
             + ", ".join(f"{k}={_value(k, v)}" for k, v in values.items()),
         )
     head.add_row("best checkpoint", ((r.get("model") or {}).get("checkpoint")) or "-")
+    workers = r.get("workers") or []
+    if workers:
+        nodes = {w.get("node_id") for w in workers}
+        head.add_row(
+            "workers",
+            f"{len(workers)} on {len(nodes)} node{'s' if len(nodes) > 1 else ''} ("
+            + ", ".join(f"rank {w.get('rank')} on {str(w.get('node_id'))[:8]}" for w in workers)
+            + ")",
+        )
     head.add_row("model", r["model_uri"] or "- (not exported yet)")
     head.add_row("location", r["uri"])
     console.print(head)
@@ -284,6 +293,8 @@ def print_run(r: dict[str, Any]) -> None:
         )
     console.print(table)
     for e in r.get("events") or []:
+        if e.get("event") == "workers":
+            continue
         console.print(
             f"event: {e.get('event')} at epoch {int(e.get('epoch', 0)) + 1} "
             f"({_when(e.get('time'))})"

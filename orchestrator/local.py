@@ -11,16 +11,12 @@ from __future__ import annotations
 import logging
 import math
 import os
-import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
-from jobs.errors import EXIT_FAILED, TlctlError
-from jobs.run import Prepared, run_job
-from jobs.tune import run_search
-
-INGEST_CPUS = 2  # logical CPUs left for Ray Data's read/decode tasks
+from jobs.driver import INGEST_CPUS, drive, quiet_ray_data, quiet_ray_logs
+from jobs.errors import TlctlError
+from jobs.run import Prepared
 
 
 def local_trials(spec: dict[str, Any]) -> int:
@@ -89,27 +85,10 @@ def start_ray(spec: dict[str, Any], *, verbose: bool) -> bool:
         logging_level=logging.INFO if verbose else logging.ERROR,
         **res,
     )
-    from ray.data import DataContext
-
     if not verbose:
         quiet_ray_logs()
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = verbose
-    ctx.print_on_execution_start = verbose
+    quiet_ray_data(verbose)
     return True
-
-
-def quiet_ray_logs() -> None:
-    """Ray's console log lines off (its log files stay complete); only errors get through."""
-    import ray.data  # noqa: F401 - configures the ray.data loggers we then quiet
-
-    for name in ("ray", "ray.data", "ray.train", "ray.tune", "ray.air"):
-        logger = logging.getLogger(name)
-        for handler in logger.handlers:
-            if not isinstance(handler, logging.FileHandler):
-                handler.setLevel(logging.ERROR)
-        if name != "ray.data":  # ray.data keeps DEBUG for its own log file
-            logger.setLevel(logging.ERROR)
 
 
 def run_local(
@@ -119,65 +98,26 @@ def run_local(
     on_progress: Callable[[dict[str, Any]], None],
     submitted_at: float,
 ) -> dict[str, Any]:
-    """Start Ray, train in a thread, feed `on_progress` from rank 0's queue, stop Ray.
+    """Start Ray sized for the job, drive it (see `jobs.driver.drive`), stop Ray.
 
-    Training runs in a thread so that Ray Train does not take over SIGINT (its handler
-    exits the process silently). On Ctrl-C the KeyboardInterrupt is re-raised without
-    `ray.shutdown()`: shutting Ray down under the training thread's pending calls crashes
-    the interpreter, so the caller must end the process (Ray's processes share its fate).
-    Checkpoints already in storage are complete; the same spec resumes from them.
+    On Ctrl-C the KeyboardInterrupt is re-raised without `ray.shutdown()` and the caller
+    ends the process (Ray's local processes share its fate). Checkpoints already in
+    storage are complete; the same spec resumes from them.
     """
     import ray
-    from ray.util.queue import Queue
 
     started = start_ray(prepared.spec, verbose=verbose)
     interrupted = False
     try:
-        progress = Queue(maxsize=1000, actor_options={"num_cpus": 0})
-        outcome: dict[str, Any] = {}
-
-        def work() -> None:
-            try:
-                if prepared.spec.get("search"):
-                    outcome["summary"] = run_search(
-                        prepared,
-                        progress=progress,
-                        submitted_at=submitted_at,
-                        concurrency=local_trials(prepared.spec),
-                    )
-                else:
-                    outcome["summary"] = run_job(
-                        prepared, progress=progress, submitted_at=submitted_at
-                    )
-            except BaseException as exc:  # noqa: BLE001 - handed to the main thread
-                outcome["error"] = exc
-
-        thread = threading.Thread(target=work, name="tlctl-train", daemon=True)
-        thread.start()
-        while thread.is_alive():
-            _drain(progress, on_progress, timeout=0.2)
-        _drain(progress, on_progress, timeout=0.0)
-        if "error" in outcome:
-            err = outcome["error"]
-            if isinstance(err, TlctlError):
-                raise err
-            raise TlctlError(f"job failed: {err}", exit_code=EXIT_FAILED) from err
-        return outcome["summary"]
+        return drive(
+            prepared,
+            on_progress=on_progress,
+            submitted_at=submitted_at,
+            concurrency=local_trials(prepared.spec),
+        )
     except KeyboardInterrupt:
         interrupted = True
         raise
     finally:
         if started and not interrupted:
             ray.shutdown()
-
-
-def _drain(progress, on_progress, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            item = progress.get(block=timeout > 0, timeout=max(0.01, deadline - time.monotonic()))
-        except Exception:  # noqa: BLE001 - ray.util.queue.Empty, or the queue actor is gone
-            return
-        on_progress(item)
-        if time.monotonic() >= deadline:
-            return

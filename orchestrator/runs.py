@@ -65,6 +65,8 @@ def run_record(run: Location, *, detail: bool = False) -> dict[str, Any] | None:
             record["search"] = search
         record["metrics"] = epochs
         record["events"] = [m for m in lines if m.get("kind") == "event"]
+        placements = [e for e in record["events"] if e.get("event") == "workers"]
+        record["workers"] = placements[-1]["workers"] if placements else []
         record["model"] = model
         record["classes"] = (model or {}).get("classes") or _classes(run)
         record["checkpoints"] = [run.join("checkpoints", c).uri for c in _checkpoints(run)]

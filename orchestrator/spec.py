@@ -94,10 +94,23 @@ class TrainSpec(_Section):
 
 
 class ScalingSpec(_Section):
-    num_workers: int = Field(2, ge=1, le=4096)
+    # auto: one worker per GPU with use_gpu (resolved where the job runs), else 2
+    num_workers: int | str = "auto"
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
-    placement: Literal["pack", "spread"] = "pack"
+    placement: Literal["pack", "spread"] = "pack"  # spread: workers on different nodes
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _workers(cls, v: Any) -> int | str:
+        if v == "auto":
+            return v
+        if isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 4096:
+            return v
+        raise ValueError(
+            f"{v!r} is not allowed (valid: auto = one worker per GPU with use_gpu, else 2; "
+            "or 1..4096)"
+        )
 
 
 class StorageSpec(_Section):

@@ -77,7 +77,7 @@ def ray_start_4_cpus(s3_env_module: S3Server) -> Iterator[None]:
     """
     import ray
 
-    from orchestrator.local import quiet_ray_logs
+    from jobs.driver import quiet_ray_logs
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     quiet_ray_logs()

@@ -236,7 +236,9 @@ def _wait(client, job_id: str, prepared, *, json_out: bool, url: str) -> int:
     err_console.print(f"[bold red]error:[/] job {job_id} {row['status']}: ", end="")
     err_console.print(reason, markup=False, soft_wrap=True)
     code = row.get("exit_code")
-    return code if isinstance(code, int) and code > 0 else 1
+    if row["status"] == "STOPPED" or not isinstance(code, int) or code <= 0:
+        return 1
+    return code
 
 
 def _last_line(text: str, prefix: str) -> str | None:

@@ -185,6 +185,10 @@ def cluster_up(
     s3: Annotated[
         bool, typer.Option("--s3/--no-s3", help="Also start a local SeaweedFS S3 server.")
     ] = True,
+    dashboard_port: Annotated[
+        int | None,
+        typer.Option("--dashboard-port", help="Head's dashboard port (default 8265, or free)."),
+    ] = None,
     directory: DirOpt = Path(".tlctl/cluster"),
 ) -> None:
     """Start a Ray head and N-1 worker nodes (token auth on) and a local S3 server."""
@@ -194,7 +198,13 @@ def cluster_up(
     from cluster.local.raycluster import start_cluster
 
     started = time.monotonic()
-    cluster = start_cluster(directory, nodes=nodes, cpus_per_node=cpus_per_node, with_s3=s3)
+    cluster = start_cluster(
+        directory,
+        nodes=nodes,
+        cpus_per_node=cpus_per_node,
+        with_s3=s3,
+        dashboard_port=dashboard_port,
+    )
     typer.echo(
         f"local Ray cluster up in {time.monotonic() - started:.0f} s: {nodes} node(s) × "
         f"{cpus_per_node:g} CPUs, dashboard {cluster.dashboard_url}, state in {cluster.directory}",

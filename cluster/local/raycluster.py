@@ -163,10 +163,13 @@ def _ray_binary() -> str:
     return found
 
 
-def _node_env(token_path: Path, extra: dict[str, str] | None) -> dict[str, str]:
+def _node_env(
+    token_path: Path, extra: dict[str, str] | None, *, clean_aws: bool = False
+) -> dict[str, str]:
     """Token auth for the node; this Python's bin dir first on PATH (job entrypoints run
     `python`); no inherited Ray address or token values that would point elsewhere."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    drop = ("RAY_", "AWS_") if clean_aws else ("RAY_",)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
     env.update(
         RAY_AUTH_MODE="token",
         RAY_AUTH_TOKEN_PATH=str(token_path),
@@ -195,12 +198,15 @@ def start_cluster(
     dashboard_port: int | None = None,
     with_s3: bool = True,
     node_env: dict[str, str] | None = None,
+    clean_aws: bool = False,
     timeout: float = 120.0,
 ) -> LocalRayCluster:
     """Start the head, then the worker nodes; return once all N nodes are alive.
 
-    `with_s3` also starts the local S3 server and gives the nodes its credentials (as a
-    cloud node's IAM role would); without it, jobs bring their own (`--pass-credentials`).
+    Nodes inherit this process's environment, as with `ray start`. `with_s3` also starts
+    the local S3 server and gives the nodes its credentials (as a cloud node's IAM role
+    would); `clean_aws` drops inherited AWS_* variables, so that jobs must bring their own
+    (`--pass-credentials`).
     """
     if nodes < 1:
         raise TlctlError(f"--nodes: {nodes} (valid: 1 or more)")
@@ -244,7 +250,7 @@ def start_cluster(
             cluster.s3_dir = str(s3_dir)
             extra.update(server.env())
             extra["AWS_ENDPOINT_URL"] = server.endpoint
-        env = _node_env(token_path, extra)
+        env = _node_env(token_path, extra, clean_aws=clean_aws)
         common = [
             "--block",
             "--disable-usage-stats",

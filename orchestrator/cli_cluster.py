@@ -66,7 +66,7 @@ def jobs_list(
         return
     table = Table()
     for col in ("job id", "run", "kind", "status", "start", "duration"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")  # ids are copied from here: never cut them
     for r in rows:
         table.add_row(
             r["id"],

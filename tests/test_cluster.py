@@ -246,10 +246,21 @@ def test_duplicate_submit_is_refused_and_stop_keeps_checkpoints(env: dict) -> No
     assert again.returncode == 2
     assert f"already RUNNING on this cluster as job {job_id}" in again.stderr
 
+    follow = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "jobs", "logs", job_id, "--follow"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env["user"],
+    )
+    time.sleep(3.0)
+    assert follow.poll() is None  # still tailing: the job runs
     stopped = tlctl(env, "jobs", "stop", job_id)
     assert stopped.returncode == 0, stopped.stderr
     assert stopped.stdout.strip() == f"{job_id}: STOPPED"
     assert job_status(env, job_id)["status"] == "STOPPED"
+    followed, _ = follow.communicate(timeout=60)  # --follow ends with the job
+    assert follow.returncode == 0 and "epoch 1/40" in followed
 
     # Every checkpoint that was reported complete is intact and loads.
     epochs = sorted(c for c in list_dir(run.join("checkpoints")) if c.startswith("epoch-"))
@@ -307,6 +318,18 @@ def test_cluster_errors_are_one_clear_line(env: dict, tmp_path: Path) -> None:
     )
     assert missing.returncode == 2
     assert "requires an auth token and tlctl sent none" in missing.stderr
+
+    # The token as a value, RAY_AUTH_MODE unset: tlctl turns token mode on, as `ray start` does.
+    by_value = {**no_token, "RAY_AUTH_TOKEN": env["token"]}
+    listed = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "jobs", "list", "--json"],
+        capture_output=True,
+        text=True,
+        env=by_value,
+        timeout=120,
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert isinstance(json.loads(listed.stdout), list)
 
     down = tlctl(env, "jobs", "list", "--address", "http://127.0.0.1:9")
     assert down.returncode == 2 and "cannot reach the Ray cluster" in down.stderr

@@ -31,6 +31,7 @@ from cluster.local.s3server import (
     HOST,
     _pid_alive,
     _port_free,
+    log_tail,
     read_state,
     start_s3_server,
     state_path,
@@ -304,7 +305,7 @@ def _wait_nodes(cluster: LocalRayCluster, count: int, timeout: float) -> None:
             if not _pid_alive(node.pid):
                 raise TlctlError(
                     f"ray node {node.index} exited while starting; its log {node.log}:\n"
-                    + _tail(Path(node.log))
+                    + log_tail(Path(node.log), 15)
                 )
         if alive_node_count(cluster) >= count:
             return
@@ -329,13 +330,6 @@ def alive_node_count(cluster: LocalRayCluster) -> int:
         return 0
     summary = ((body.get("data") or {}).get("summary")) or []
     return sum(1 for n in summary if (n.get("raylet") or {}).get("state") == "ALIVE")
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
 
 
 def write_cluster(cluster: LocalRayCluster) -> None:

@@ -160,8 +160,11 @@ def test_same_name_resumes_from_last_epoch(env: dict) -> None:
     assert "resuming run resume-me" in result.output
     lines = metrics(env, "resume-me")
     assert [m["epoch"] for m in lines if m["kind"] == "epoch"] == [0, 1, 2]  # no duplicates
-    events = [m for m in lines if m["kind"] == "event"]
+    events = [m for m in lines if m["kind"] == "event" and m["event"] != "workers"]
     assert events == [{**events[0], "event": "resumed", "epoch": 2, "from_checkpoint_epoch": 1}]
+    placements = [m for m in lines if m.get("event") == "workers"]
+    assert [p["epoch"] for p in placements] == [0, 2]  # recorded at each start
+    assert [w["rank"] for w in placements[-1]["workers"]] == [0, 1]
     again = submit(spec, "--set", "train.epochs=3")
     assert again.exit_code == 0 and "already complete" in again.output
 

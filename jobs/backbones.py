@@ -315,15 +315,40 @@ def _read_bytes(uri: str, load_bytes: Callable[[str], bytes] | None) -> tuple[st
     candidates = _candidates(uri)
     for candidate in candidates:
         try:
-            return candidate, read(candidate)
+            data = read(candidate)
         except Exception as exc:  # the caller's reader may raise anything
             error = exc
+            continue
+        _check_against_manifest(candidate, data, read)
+        return candidate, data
     if len(candidates) == 1:
         raise TlctlError(f"backbone.weights: cannot read {uri}: {error}")
     raise TlctlError(
         f"backbone.weights: no weights file at {uri} "
         f"(tried {', '.join(candidates)}; last error: {error})"
     )
+
+
+def _check_against_manifest(source: str, data: bytes, read: Callable[[str], bytes]) -> None:
+    """A tlctl model/ or checkpoint lists its files' sizes and SHA-256 in manifest.json:
+    weights that do not match it (a truncated copy) are reported, never loaded."""
+    import hashlib
+    import json
+
+    base, _, name = source.rpartition("/")
+    try:
+        manifest = json.loads(read(f"{base}/manifest.json"))
+    except Exception:  # noqa: BLE001 - no manifest: a plain weights file, nothing to check
+        return
+    want = ((manifest.get("files") or {}) if isinstance(manifest, dict) else {}).get(name)
+    if not want:
+        return
+    if len(data) != want.get("size") or hashlib.sha256(data).hexdigest() != want.get("sha256"):
+        raise TlctlError(
+            f"backbone.weights: {source} is truncated or corrupt: {len(data)} bytes that do "
+            f"not match its manifest ({want.get('size')} bytes and a SHA-256); it was not "
+            "loaded (use another checkpoint, or export the run again)"
+        )
 
 
 def _read_state_dict(

@@ -8,6 +8,7 @@ input is checked in `preflight`, before Ray starts and before anything is writte
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
@@ -20,6 +21,7 @@ import yaml
 from jobs import backbones
 from jobs.data import DataPlan, build_datasets, corrupt_image_message, plan_data
 from jobs.errors import EXIT_FAILED, TlctlError
+from jobs.manifest import MANIFEST, describe, verify
 from jobs.metrics import epoch_lines, read_metrics
 from jobs.storage import Location, check_writable, exists, read_text, resolve, write_text
 from jobs.train import MODEL_FILE, build_job_model, train_loop_per_worker
@@ -159,18 +161,39 @@ def model_json(prepared: Prepared, metrics: dict[str, Any], checkpoint_uri: str)
 def export_model(prepared: Prepared, result) -> dict[str, Any]:
     """Copy the best checkpoint's weights to `model/` and describe them in model.json."""
     cp = prepared.spec["checkpoint"]
-    best = result.get_best_checkpoint(cp["metric"], cp["mode"])
-    if best is None:
-        raise TlctlError("training produced no checkpoint to export", exit_code=EXIT_FAILED)
-    metrics = next(m for c, m in result.best_checkpoints if c.path == best.path)
+    sign = 1 if cp["mode"] == "max" else -1
+    ranked = sorted(
+        result.best_checkpoints, key=lambda item: sign * item[1].get(cp["metric"], 0), reverse=True
+    )
     run = prepared.run
-    src = best.path.rstrip("/") + "/" + MODEL_FILE
-    run.fs.create_dir(run.join("model").path)
-    run.fs.copy_file(src, run.join("model", MODEL_FILE).path)
-    ckpt_uri = ("s3://" + best.path) if run.is_s3 else best.path
-    info = model_json(prepared, _public_metrics(metrics), ckpt_uri)
-    write_text(run.join("model", "model.json"), json.dumps(info, indent=1, sort_keys=True))
-    return info
+    for checkpoint, metrics in ranked:  # the best checkpoint that verifies
+        ckpt = dataclasses.replace(
+            run, path=checkpoint.path.rstrip("/"), uri=_uri_of(run, checkpoint.path)
+        )
+        if verify(ckpt) is None:
+            info = model_json(prepared, _public_metrics(metrics), ckpt.uri)
+            publish_model(run, ckpt, info)
+            return info
+    raise TlctlError("training produced no complete checkpoint to export", exit_code=EXIT_FAILED)
+
+
+def _uri_of(run: Location, path: str) -> str:
+    path = path.rstrip("/")
+    return f"s3://{path}" if run.is_s3 else path
+
+
+def publish_model(run: Location, checkpoint: Location, info: dict[str, Any]) -> None:
+    """model/model.pt (copied from a verified checkpoint), model.json, then model/'s own
+    manifest, last: a model/ without a matching manifest is never loaded as weights."""
+    model = run.join("model")
+    run.fs.create_dir(model.path)
+    run.fs.copy_file(checkpoint.join(MODEL_FILE).path, model.join(MODEL_FILE).path)
+    text = json.dumps(info, indent=1, sort_keys=True)
+    write_text(model.join("model.json"), text)
+    entry = json.loads(read_text(checkpoint.join(MANIFEST)))["files"][MODEL_FILE]
+    manifest = describe({"model.json": text.encode()})
+    manifest["files"][MODEL_FILE] = entry
+    write_text(model.join(MANIFEST), json.dumps(manifest, indent=1, sort_keys=True))
 
 
 def _public_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -197,6 +220,8 @@ def build_trainer(
     spec and directory, datasets decoded once by the search driver, and Tune's callback."""
     import ray.train
     from ray.train.torch import TorchTrainer
+
+    from jobs.failures import FailureLog
 
     spec, run = prepared.spec, prepared.run
     scaling = spec["scaling"]
@@ -236,7 +261,15 @@ def build_trainer(
             failure_config=ray.train.FailureConfig(
                 max_failures=int(spec["failure"]["max_failures"])
             ),
-            callbacks=callbacks or None,
+            callbacks=[
+                FailureLog(
+                    run.uri,
+                    spec["storage"].get("endpoint"),
+                    metrics_tags,
+                    float(spec["failure"].get("storage_retry_s", 300.0)),
+                ),
+                *(callbacks or []),
+            ],
         ),
         datasets=datasets or build_datasets(prepared.plan, data_section(spec)),
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),

@@ -8,11 +8,11 @@ calls `ray.train.report` (it is collective).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
 import os
-import shutil
 import tempfile
 import time
 from contextlib import nullcontext
@@ -23,12 +23,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from jobs import backbones
+from jobs.manifest import checkpoint_dirs, verify, write_local_manifest
 from jobs.metrics import MetricsLog
-from jobs.storage import read_bytes, resolve
+from jobs.retry import DEFAULT_WINDOW_S
+from jobs.storage import Location, read_bytes, resolve
+from jobs.upload import make_uploader
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
+# SYNC: Ray Train 2.60's ASYNC mode with a custom upload function hung tlctl's runs here (the
+# last epoch never finished); until that is understood, uploads block the loop.
+UPLOAD_MODE = os.environ.get("TLCTL_CHECKPOINT_UPLOAD_MODE", "SYNC")
 
 
 def read_uri(uri: str, endpoint: str | None = None) -> bytes:
@@ -212,6 +218,7 @@ def save_checkpoint(directory: str, model, optimizer, scheduler, meta: dict[str,
     )
     with open(os.path.join(directory, META_FILE), "w") as f:
         json.dump(meta, f, indent=1, sort_keys=True)
+    write_local_manifest(directory)  # last: sizes and SHA-256 of the three files above
 
 
 def load_checkpoint(checkpoint, model, optimizer, scheduler) -> dict[str, Any]:
@@ -253,6 +260,36 @@ def gather_placement(rank: int, world: int, device: torch.device) -> list[dict[s
     return [mine]
 
 
+def usable_checkpoint(latest, checkpoints: Location) -> tuple[Any, list[tuple[str, str]]]:
+    """The checkpoint to resume from: Ray's latest if its manifest verifies, else the newest
+    one in storage that does (None: start over). Also (uri, reason) of each one skipped."""
+    import ray.train
+
+    if latest is None:
+        return None, []
+    # Verified where it lies (not through as_directory: a second download of the same
+    # checkpoint by load_checkpoint would contend for Ray's per-node download lock).
+    latest_path = latest.path.rstrip("/")
+    reason = verify(
+        dataclasses.replace(checkpoints, path=latest_path, uri=_uri(checkpoints, latest_path))
+    )
+    if reason is None:
+        return latest, []
+    skipped = [(_uri(checkpoints, latest_path), reason)]
+    for _, loc in checkpoint_dirs(checkpoints):
+        if loc.path.rstrip("/") == latest_path:
+            continue
+        reason = verify(loc)
+        if reason is None:
+            return ray.train.Checkpoint(loc.path, filesystem=loc.fs), skipped
+        skipped.append((loc.uri, reason))
+    return None, skipped
+
+
+def _uri(base: Location, path: str) -> str:
+    return f"s3://{path}" if base.is_s3 else path
+
+
 class _Progress:
     """Per-step callback: notes the first step's time (start-up cost) and pushes progress
     to the driver's queue (local runs), at most ~4 times a second."""
@@ -286,6 +323,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point: build, freeze, wrap in DDP, train, evaluate, checkpoint."""
     import ray.train
     import ray.train.torch
+    from ray.train import CheckpointUploadMode
 
     spec, classes = config["spec"], config["classes"]
     data, train = spec["data"], spec["train"]
@@ -308,20 +346,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model)  # moves to device, wraps in DDP when world > 1
 
     # Resume after prepare_model, so optimizer state lands on the parameters' device. Every
-    # rank loads the same checkpoint, so the replicas stay identical.
+    # rank verifies and loads the same checkpoint, so the replicas stay identical.
+    run = resolve(config["run_uri"], spec["storage"].get("endpoint"))
     start_epoch, resumed_from = 0, None
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint, skipped = usable_checkpoint(ray.train.get_checkpoint(), run.join("checkpoints"))
     if checkpoint is not None:
         net = model.module if hasattr(model, "module") else model
         meta = load_checkpoint(checkpoint, net, optimizer, scheduler)
         start_epoch, resumed_from = int(meta["epoch"]) + 1, int(meta["epoch"])
 
-    run = resolve(config["run_uri"], spec["storage"].get("endpoint"))
     tags = config.get("metrics_tags") or {}
-    log = MetricsLog(run.join("metrics.jsonl"), **tags) if rank == 0 else None
+    window = float((spec.get("failure") or {}).get("storage_retry_s", DEFAULT_WINDOW_S))
+    uploader = make_uploader(window)
+    log = (
+        MetricsLog(run.join("metrics.jsonl"), retry_window_s=window, **tags) if rank == 0 else None
+    )
     workers = gather_placement(rank, world, device)
     if log is not None:
         log.load(keep_before_epoch=start_epoch)
+        for uri, reason in skipped:
+            log.event("checkpoint_skipped", epoch=start_epoch, checkpoint=uri, reason=reason)
         if resumed_from is not None:
             log.event("resumed", epoch=start_epoch, from_checkpoint_epoch=resumed_from)
         # Which node each worker ran on (again after every restart: placement can change).
@@ -404,10 +448,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     queue.put_nowait({"epoch_done": epoch, **metrics})
                 except Exception:  # noqa: BLE001 - best effort
                     pass
+        # Uploaded by tlctl's uploader: retried through storage outages, manifest last; the
+        # local copy deleted after. (Synchronous: see UPLOAD_MODE.)
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None,
             checkpoint_dir_name=f"epoch-{epoch:04d}",
+            checkpoint_upload_mode=getattr(CheckpointUploadMode, UPLOAD_MODE),
+            delete_local_checkpoint_after_upload=True,
+            checkpoint_upload_fn=uploader,
         )
-        if ckpt_dir:
-            shutil.rmtree(ckpt_dir, ignore_errors=True)
+    if log is not None:
+        log.close()  # every metrics line in storage before this worker reports done

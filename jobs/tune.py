@@ -25,6 +25,7 @@ import time
 from typing import Any
 
 from jobs.errors import EXIT_FAILED, TlctlError
+from jobs.manifest import MANIFEST, verify
 from jobs.metrics import epoch_lines, read_metrics, write_metrics
 from jobs.run import (
     Prepared,
@@ -32,19 +33,20 @@ from jobs.run import (
     build_trainer,
     data_section,
     model_json,
+    publish_model,
     root_cause,
     summary,
     write_run_header,
 )
 from jobs.search_space import apply_trial, dimensions, param_space
-from jobs.storage import Location, exists, list_dir, read_text, write_text
+from jobs.storage import Location, exists, list_dir, read_text
 from jobs.train import META_FILE, MODEL_FILE, STATE_FILE
 from jobs.trials import TRIALS_TABLE, read_trials_table, write_trials_table
 
 TUNE_DIR = "tune"
 TRIALS_DIR = "trials"
 TRIAL_DRIVER_CPUS = 0.01
-CHECKPOINT_FILES = (MODEL_FILE, STATE_FILE, META_FILE)
+CHECKPOINT_FILES = (MODEL_FILE, STATE_FILE, META_FILE, MANIFEST)
 # Keys Tune adds to every result; the rest is what the training loop reported.
 TUNE_RESULT_KEYS = {
     "config",
@@ -372,8 +374,12 @@ def export_best(prepared: Prepared, rows: list[dict[str, Any]]) -> dict[str, Any
     )
     lines = epoch_lines(read_metrics(trial_location(run, winner["trial_id"]).join("metrics.jsonl")))
     best = next(m for m in lines if int(m["epoch"]) == int(winner["best_epoch"]))
-    run.fs.create_dir(run.join("model").path)
-    run.fs.copy_file(ckpt.join(MODEL_FILE).path, run.join("model", MODEL_FILE).path)
+    reason = verify(ckpt)
+    if reason is not None:
+        raise TlctlError(
+            f"the best trial's checkpoint {ckpt.uri} is not complete ({reason})",
+            exit_code=EXIT_FAILED,
+        )
     info = model_json(
         dataclasses.replace(prepared, spec=trial_spec),
         _public_metrics(best),
@@ -382,7 +388,7 @@ def export_best(prepared: Prepared, rows: list[dict[str, Any]]) -> dict[str, Any
     info["trial_id"] = winner["trial_id"]
     info["hyperparameters"] = values
     info["search_metric"] = metric
-    write_text(run.join("model", "model.json"), json.dumps(info, indent=1, sort_keys=True))
+    publish_model(run, ckpt, info)
     return info
 
 

@@ -13,6 +13,7 @@ from typing import Any
 from ray.tune import Callback
 
 from jobs.metrics import read_metrics, write_metrics
+from jobs.retry import retrying
 from jobs.storage import Location, resolve
 from jobs.tune import TUNE_RESULT_KEYS, hyperparameters
 
@@ -49,7 +50,7 @@ class SearchLog(Callback):
                 if m.get("kind") != "epoch" or (m.get("trial_id"), m.get("epoch")) != key
             ]
         lines.append({**line, "time": time.time()})
-        write_metrics(self._loc(), lines)
+        retrying(lambda: write_metrics(self._loc(), lines), what="metrics.jsonl")
 
     def _progress(self, item: dict[str, Any]) -> None:
         queue = PROGRESS.get(self.run_uri)

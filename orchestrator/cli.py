@@ -120,6 +120,55 @@ def submit(
         print_summary(summary)
 
 
+@app.command()
+@guarded
+def resume(
+    name: Annotated[str, typer.Argument(help="Run name.")],
+    storage: StorageOpt,
+    endpoint: EndpointOpt = None,
+    local: Annotated[bool, typer.Option("--local", help="Run on an embedded local Ray.")] = False,
+    address: AddressOpt = None,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Cluster: show progress until the job ends.")
+    ] = False,
+    pass_credentials: Annotated[
+        bool,
+        typer.Option("--pass-credentials", help="Cluster: ship this machine's AWS key pair."),
+    ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray's logs.")] = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Resume a run from its stored spec alone (after a lost driver or a Ctrl-C): the same as
+    submitting that spec again, from the latest checkpoint that verifies."""
+    import tempfile
+
+    from jobs.storage import exists, read_text, resolve
+
+    root = resolve(storage, endpoint)
+    stored = root.join(name, "spec.yaml")
+    if not exists(stored):
+        raise TlctlError(
+            f"run '{name}' has no stored spec at {stored.uri} (`tlctl runs list` shows the runs)"
+        )
+    with tempfile.TemporaryDirectory(prefix="tlctl-resume-") as tmp:
+        path = Path(tmp) / "spec.yaml"
+        path.write_text(read_text(stored))
+        submit(
+            spec=path,
+            local=local,
+            address=address,
+            wait=wait,
+            pass_credentials=pass_credentials,
+            pip=None,
+            driver_cpus=0.0,
+            driver_memory_mb=0,
+            set_=None,
+            verbose=verbose,
+            yes=True,  # the stored spec was accepted once already
+            json_out=json_out,
+        )
+
+
 def load_spec_cli(spec: Path, overrides: list[str], *, local: bool, yes: bool):
     from orchestrator.spec import load_spec
 

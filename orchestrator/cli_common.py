@@ -52,8 +52,11 @@ def guarded(fn: F) -> F:
         except KeyboardInterrupt:
             from orchestrator.display import err_console
 
+            run = kwargs.get("name") or _run_name(kwargs.get("spec"))
             err_console.print(
-                "interrupted: submit the same spec again to resume from the last checkpoint"
+                f"interrupted: submit the same spec again (or `tlctl resume {run}`) to resume "
+                "from the last checkpoint",
+                markup=False,
             )
             # A hard exit: Ray may still be mid-call in the training thread, where a normal
             # interpreter exit (atexit ray.shutdown) can crash. Ray's processes share ours.
@@ -62,6 +65,17 @@ def guarded(fn: F) -> F:
             os._exit(130)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _run_name(spec: Any) -> str:
+    """The run name in a spec file, for messages (RUN if it cannot be read)."""
+    try:
+        import yaml
+
+        with open(spec) as f:
+            return str(yaml.safe_load(f).get("name") or "RUN")
+    except Exception:  # noqa: BLE001 - only for a hint
+        return "RUN"
 
 
 AddressOpt = Annotated[

@@ -295,9 +295,15 @@ def print_run(r: dict[str, Any]) -> None:
     for e in r.get("events") or []:
         if e.get("event") == "workers":
             continue
+        where = f" at epoch {int(e['epoch']) + 1}" if "epoch" in e else ""
+        detail = e.get("cause") or e.get("reason")
+        if e.get("checkpoint"):
+            detail = f"{e['checkpoint']}: {detail}"
         console.print(
-            f"event: {e.get('event')} at epoch {int(e.get('epoch', 0)) + 1} "
-            f"({_when(e.get('time'))})"
+            f"event: {e.get('event')}{where} ({_when(e.get('time'))})"
+            + (f": {detail}" if detail else ""),
+            markup=False,
+            soft_wrap=True,
         )
 
 

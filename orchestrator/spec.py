@@ -138,6 +138,7 @@ class CheckpointSpec(_Section):
 
 class FailureSpec(_Section):
     max_failures: int | None = Field(None, ge=-1)  # default: 0 for --local, 2 on a cluster
+    storage_retry_s: float = Field(300.0, ge=0)  # how long a storage outage is waited out
 
 
 class JobSpec(_Section):

@@ -380,7 +380,11 @@ def test_weights_through_load_bytes(tmp_path: Path) -> None:
         "resnet18", 2, weights="s3://bucket/runs/r1/", load_bytes=load_bytes
     )
     _assert_backbone_transferred(source, model, "resnet18")
-    assert asked[-1] == "s3://bucket/runs/r1/model/model.pt"
+    # The weights, then their manifest (absent here: a plain weights file is only unpickled).
+    assert asked[-2:] == [
+        "s3://bucket/runs/r1/model/model.pt",
+        "s3://bucket/runs/r1/model/manifest.json",
+    ]
 
 
 def test_missing_weights_file(tmp_path: Path) -> None:

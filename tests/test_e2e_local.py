@@ -18,7 +18,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cluster.local.s3server import S3Server
-from jobs.storage import exists, list_dir, read_bytes, read_text, resolve
+from jobs.manifest import verify
+from jobs.storage import exists, list_dir, read_bytes, read_text, resolve, write_bytes
 from jobs.synth import synthesize
 from orchestrator.cli import app
 
@@ -167,6 +168,29 @@ def test_same_name_resumes_from_last_epoch(env: dict) -> None:
     assert [w["rank"] for w in placements[-1]["workers"]] == [0, 1]
     again = submit(spec, "--set", "train.epochs=3")
     assert again.exit_code == 0 and "already complete" in again.output
+
+
+def test_a_truncated_checkpoint_is_skipped_on_resume(env: dict) -> None:
+    spec = write_spec(env, "truncated", checkpoint={"keep": 3})
+    assert submit(spec).exit_code == 0
+    run = run_loc(env, "truncated")
+    assert verify(run.join("checkpoints", "epoch-0001")) is None
+    assert verify(run.join("model")) is None
+    newest = run.join("checkpoints", "epoch-0001", "model.pt")
+    data = read_bytes(newest)
+    write_bytes(newest, data[: len(data) // 2])  # as an upload cut short would leave it
+
+    result = submit(spec, "--set", "train.epochs=3")
+    assert result.exit_code == 0, result.output
+    lines = metrics(env, "truncated")
+    skipped = [m for m in lines if m.get("event") == "checkpoint_skipped"]
+    assert len(skipped) == 1 and skipped[0]["checkpoint"].endswith("epoch-0001")
+    assert f"model.pt has {len(data) // 2} bytes" in skipped[0]["reason"]
+    resumed = [m for m in lines if m.get("event") == "resumed"]
+    assert resumed == [{**resumed[0], "epoch": 1, "from_checkpoint_epoch": 0}]
+    assert [m["epoch"] for m in lines if m["kind"] == "epoch"] == [0, 1, 2]
+    assert verify(run.join("checkpoints", "epoch-0001")) is None  # written again, whole
+    assert verify(run.join("model")) is None
 
 
 def test_resume_with_another_model_is_refused(env: dict) -> None:
@@ -349,11 +373,13 @@ def test_ctrl_c_then_resubmit_resumes(env: dict) -> None:
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, (out, err)
-    assert "interrupted: submit the same spec again to resume" in err
+    assert "interrupted: submit the same spec again (or `tlctl resume interrupted`)" in err
     done = [m["epoch"] for m in metrics(env, "interrupted") if m["kind"] == "epoch"]
     assert 2 <= len(done) < 6
 
-    result = submit(spec)
+    # From the stored spec alone (the spec file is gone, as after a lost driver).
+    spec.unlink()
+    result = runner.invoke(app, ["resume", "interrupted", "--storage", env["storage"], "--local"])
     assert result.exit_code == 0, result.output
     assert "resuming run interrupted" in result.output
     lines = metrics(env, "interrupted")

@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+from collections.abc import Iterable
 from typing import Any
 
 from jobs.storage import Location, exists, read_bytes, read_text, write_text
@@ -115,15 +117,53 @@ def write_manifest(loc: Location, files: dict[str, bytes]) -> None:
     write_text(loc.join(MANIFEST), json.dumps(describe(files), indent=1, sort_keys=True))
 
 
+_DIR_NAME = re.compile(r"^epoch-(\d{4,})(?:-r(\d+))?$")
+
+
+def parse_checkpoint_name(name: str) -> tuple[int, int] | None:
+    """(epoch, rewrite) of `epoch-NNNN` (rewrite 1) or `epoch-NNNN-rK` (K); else None."""
+    match = _DIR_NAME.match(name)
+    return (int(match[1]), int(match[2] or 1)) if match else None
+
+
+def checkpoint_name(epoch: int, taken: Iterable[str]) -> str:
+    """The directory name for `epoch`'s checkpoint: `epoch-NNNN`, or `epoch-NNNN-rK` when
+    an earlier attempt left that name behind (a checkpoint skipped as broken, or an upload
+    cut short). Never reusing a name matters: Ray Train deletes an evicted checkpoint by its
+    path, which would take a re-written checkpoint of the same name with it."""
+    base = f"epoch-{epoch:04d}"
+    taken = set(taken)
+    if base not in taken:
+        return base
+    rewrite = 2
+    while f"{base}-r{rewrite}" in taken:
+        rewrite += 1
+    return f"{base}-r{rewrite}"
+
+
 def checkpoint_dirs(checkpoints: Location) -> list[tuple[int, Location]]:
-    """(epoch, location) of every `epoch-NNNN` dir under a run's checkpoints/, newest first."""
+    """(epoch, location) of every checkpoint dir under a run's checkpoints/, newest first
+    (of one epoch's dirs, the latest rewrite first)."""
     from jobs.storage import list_dir
 
     if not exists(checkpoints):
         return []
     found = []
     for name in list_dir(checkpoints):
-        number = name.removeprefix("epoch-")
-        if name.startswith("epoch-") and number.isdigit():
-            found.append((int(number), checkpoints.join(name)))
-    return sorted(found, key=lambda item: item[0], reverse=True)
+        parsed = parse_checkpoint_name(name)
+        if parsed is not None:
+            found.append((parsed, checkpoints.join(name)))
+    found.sort(key=lambda item: item[0], reverse=True)
+    return [(epoch, loc) for (epoch, _), loc in found]
+
+
+def complete_checkpoint(checkpoints: Location, epoch: int) -> tuple[Location | None, str | None]:
+    """The newest dir of `epoch` that verifies (None, with the newest one's reason, if none)."""
+    reason = None
+    for number, loc in checkpoint_dirs(checkpoints):
+        if number == epoch:
+            why = verify(loc)
+            if why is None:
+                return loc, None
+            reason = reason or f"{loc.uri}: {why}"
+    return None, reason or f"no checkpoint of epoch {epoch} under {checkpoints.uri}"

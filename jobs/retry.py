@@ -25,16 +25,28 @@ MAX_DELAY_S = 30.0
 _TRANSIENT = re.compile(
     r"NETWORK_CONNECTION|curlCode|Connection refused|Could not connect|Couldn't connect"
     r"|Timeout was reached|timed out|cannot reach|Connection reset|Broken pipe"
-    r"|SlowDown|ServiceUnavailable|InternalError|INTERNAL_FAILURE|HTTP response code: 5\d\d"
-    r"|Service Unavailable|status code 5\d\d|RequestTimeout",
+    r"|SlowDown|ServiceUnavailable|InternalError|INTERNAL_FAILURE|Service Unavailable"
+    r"|HTTP (?:response code|status):? 5\d\d|status code 5\d\d|RequestTimeout",
     re.IGNORECASE,
 )
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+def retry_window(spec: dict) -> float:
+    """The job's `failure.storage_retry_s`."""
+    return float((spec.get("failure") or {}).get("storage_retry_s", DEFAULT_WINDOW_S))
+
+
+class IncompleteUpload(OSError):
+    """An upload that reported success but is not in storage whole (checked after each one:
+    pyarrow can lose a failed multipart part, see jobs.upload.put_file). Retried."""
+
+
 def is_transient(exc: BaseException) -> bool:
     """A storage failure worth waiting out (the server is unreachable, slow or failing)."""
+    if isinstance(exc, IncompleteUpload):
+        return True
     return isinstance(exc, (OSError, TlctlError)) and bool(_TRANSIENT.search(str(exc)))
 
 

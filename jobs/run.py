@@ -23,6 +23,8 @@ from jobs.data import DataPlan, build_datasets, corrupt_image_message, plan_data
 from jobs.errors import EXIT_FAILED, TlctlError
 from jobs.manifest import MANIFEST, describe, verify
 from jobs.metrics import epoch_lines, read_metrics
+from jobs.retry import retry_window
+from jobs.retrying_fs import patient, retrying_fs
 from jobs.storage import Location, check_writable, exists, read_text, resolve, write_text
 from jobs.train import MODEL_FILE, build_job_model, train_loop_per_worker
 
@@ -252,7 +254,9 @@ def build_trainer(
         run_config=ray.train.RunConfig(
             name="checkpoints",
             storage_path=run.path,
-            storage_filesystem=run.fs,
+            # Ray Train's own storage calls (snapshots, deletions, resume downloads) wait
+            # out an outage as tlctl's writes do.
+            storage_filesystem=retrying_fs(run.fs, retry_window(spec)),
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=int(cp["keep"]),
                 checkpoint_score_attribute=cp["metric"],
@@ -266,7 +270,7 @@ def build_trainer(
                     run.uri,
                     spec["storage"].get("endpoint"),
                     metrics_tags,
-                    float(spec["failure"].get("storage_retry_s", 300.0)),
+                    retry_window(spec),
                 ),
                 *(callbacks or []),
             ],
@@ -290,6 +294,8 @@ def run_job(prepared: Prepared, *, progress=None, submitted_at: float | None = N
         raise
     except Exception as exc:  # noqa: BLE001 - Ray wraps worker errors; show the cause
         raise TlctlError(f"training failed: {root_cause(exc)}", exit_code=EXIT_FAILED) from exc
+    # Training's outage tolerance holds for the export too.
+    prepared = dataclasses.replace(prepared, run=patient(prepared.run, retry_window(prepared.spec)))
     info = export_model(prepared, result)
     return summary(prepared, info, time.time() - start)
 

@@ -164,7 +164,7 @@ def _region(endpoint: str | None) -> str | None:
     return region or (DEFAULT_REGION if endpoint else None)
 
 
-def _s3_filesystem(endpoint: str | None) -> pafs.FileSystem:
+def _s3_filesystem(endpoint: str | None, *, background_writes: bool = True) -> pafs.FileSystem:
     """One S3FileSystem per (endpoint, region): they are costly to build and safe to share.
 
     Credentials are looked up by the AWS SDK on each request, so a cached filesystem follows
@@ -172,18 +172,27 @@ def _s3_filesystem(endpoint: str | None) -> pafs.FileSystem:
     """
     adopt_shipped_credentials()  # a cluster job's --pass-credentials file, if any
     region = _region(endpoint)
-    key = ("s3", endpoint, region)
+    key = ("s3" if background_writes else "s3-foreground", endpoint, region)
     with _FS_LOCK:
         if key not in _FS_CACHE:
-            _FS_CACHE[key] = _new_s3_filesystem(endpoint, region)
+            _FS_CACHE[key] = _new_s3_filesystem(endpoint, region, background_writes)
         return _FS_CACHE[key]
 
 
-def _new_s3_filesystem(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
+def foreground_fs(loc: Location) -> pafs.FileSystem:
+    """`loc`'s filesystem with every write done in the calling thread (S3: no background part
+    uploads in pyarrow's I/O pool), so that a low-priority uploader thread stays low."""
+    return _s3_filesystem(loc.endpoint, background_writes=False) if loc.is_s3 else loc.fs
+
+
+def _new_s3_filesystem(
+    endpoint: str | None, region: str | None, background_writes: bool = True
+) -> pafs.S3FileSystem:
     kwargs: dict[str, object] = {
         "connect_timeout": CONNECT_TIMEOUT_S,
         "request_timeout": REQUEST_TIMEOUT_S,
         "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=MAX_ATTEMPTS),
+        "background_writes": background_writes,
     }
     if region:
         kwargs["region"] = region

@@ -23,18 +23,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from jobs import backbones
-from jobs.manifest import checkpoint_dirs, verify, write_local_manifest
+from jobs.manifest import checkpoint_dirs, checkpoint_name, verify
 from jobs.metrics import MetricsLog
-from jobs.retry import DEFAULT_WINDOW_S
-from jobs.storage import Location, read_bytes, resolve
-from jobs.upload import make_uploader
+from jobs.retry import retry_window
+from jobs.storage import Location, foreground_fs, read_bytes, resolve
+from jobs.upload import Uploader, local_checkpoint_prefix, remove_stale_local_checkpoints
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
-# SYNC: Ray Train 2.60's ASYNC mode with a custom upload function hung tlctl's runs here (the
-# last epoch never finished); until that is understood, uploads block the loop.
-UPLOAD_MODE = os.environ.get("TLCTL_CHECKPOINT_UPLOAD_MODE", "SYNC")
+# ASYNC: the upload runs in Ray Train's single background upload thread, so the next epoch
+# trains meanwhile. SYNC (uploads block the loop) is kept for the checkpoint benchmark.
+UPLOAD_MODE = os.environ.get("TLCTL_CHECKPOINT_UPLOAD_MODE", "ASYNC")
 
 
 def read_uri(uri: str, endpoint: str | None = None) -> bytes:
@@ -218,7 +218,7 @@ def save_checkpoint(directory: str, model, optimizer, scheduler, meta: dict[str,
     )
     with open(os.path.join(directory, META_FILE), "w") as f:
         json.dump(meta, f, indent=1, sort_keys=True)
-    write_local_manifest(directory)  # last: sizes and SHA-256 of the three files above
+    # manifest.json (sizes, SHA-256) is written by the uploader, off the training loop.
 
 
 def load_checkpoint(checkpoint, model, optimizer, scheduler) -> dict[str, Any]:
@@ -349,19 +349,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # rank verifies and loads the same checkpoint, so the replicas stay identical.
     run = resolve(config["run_uri"], spec["storage"].get("endpoint"))
     start_epoch, resumed_from = 0, None
-    checkpoint, skipped = usable_checkpoint(ray.train.get_checkpoint(), run.join("checkpoints"))
+    ckpts = run.join("checkpoints")
+    checkpoint, skipped = usable_checkpoint(ray.train.get_checkpoint(), ckpts)
     if checkpoint is not None:
         net = model.module if hasattr(model, "module") else model
         meta = load_checkpoint(checkpoint, net, optimizer, scheduler)
         start_epoch, resumed_from = int(meta["epoch"]) + 1, int(meta["epoch"])
 
+    # Names left by earlier attempts are never reused (see checkpoint_name).
+    taken = {loc.path.rstrip("/").rsplit("/", 1)[-1] for _, loc in checkpoint_dirs(ckpts)}
     tags = config.get("metrics_tags") or {}
-    window = float((spec.get("failure") or {}).get("storage_retry_s", DEFAULT_WINDOW_S))
-    uploader = make_uploader(window)
+    window = retry_window(spec)
+    # Hashing and uploading 100s of MB compete with training for the CPU: the background
+    # upload thread runs at low priority and does its S3 writes itself (not in pyarrow's pool).
+    uploader = Uploader(window, fs=foreground_fs(run), background=UPLOAD_MODE == "ASYNC")
     log = (
         MetricsLog(run.join("metrics.jsonl"), retry_window_s=window, **tags) if rank == 0 else None
     )
     workers = gather_placement(rank, world, device)
+    if rank == 0:
+        remove_stale_local_checkpoints(config["run_uri"])
     if log is not None:
         log.load(keep_before_epoch=start_epoch)
         for uri, reason in skipped:
@@ -420,14 +427,21 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             epochs_done=epoch + 1,
             lr_epoch=lr,  # the schedule's lr this epoch (`lr` is the searched value)
             epoch_time_s=time.time() - epoch_start,
+            epoch_start=epoch_start,  # next epoch's start - this one's: the loop's cycle
         )
         if epoch == start_epoch and progress.first_step_at:
             metrics["first_step_at"] = progress.first_step_at
             if run_start:
                 metrics["startup_s"] = progress.first_step_at - run_start
+        epochs = int(train["epochs"])
+        every = int(spec["checkpoint"].get("every_epochs", 1))
         ckpt_dir = None
-        if rank == 0:
-            ckpt_dir = tempfile.mkdtemp(prefix="tlctl-ckpt-")
+        if rank == 0 and ((epoch + 1) % every == 0 or epoch == epochs - 1):
+            # Waits only when max_pending checkpoints still wait for storage (see Uploader).
+            metrics["checkpoint_wait_s"] = uploader.wait_below(
+                int(spec["checkpoint"].get("max_pending") or 4)
+            )
+            ckpt_dir = tempfile.mkdtemp(prefix=local_checkpoint_prefix(config["run_uri"]))
             save_checkpoint(
                 ckpt_dir,
                 model,
@@ -442,6 +456,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     "std": std_t,
                 },
             )
+        if rank == 0:
             log.epoch(metrics)
             if queue is not None:
                 try:
@@ -449,11 +464,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 except Exception:  # noqa: BLE001 - best effort
                     pass
         # Uploaded by tlctl's uploader: retried through storage outages, manifest last; the
-        # local copy deleted after. (Synchronous: see UPLOAD_MODE.)
+        # local copy deleted after, in the background (see UPLOAD_MODE).
+        if ckpt_dir:
+            uploader.submitted()
         ray.train.report(
             metrics,
             checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None,
-            checkpoint_dir_name=f"epoch-{epoch:04d}",
+            checkpoint_dir_name=checkpoint_name(epoch, taken),
             checkpoint_upload_mode=getattr(CheckpointUploadMode, UPLOAD_MODE),
             delete_local_checkpoint_after_upload=True,
             checkpoint_upload_fn=uploader,

@@ -25,8 +25,10 @@ import time
 from typing import Any
 
 from jobs.errors import EXIT_FAILED, TlctlError
-from jobs.manifest import MANIFEST, verify
+from jobs.manifest import MANIFEST, complete_checkpoint, parse_checkpoint_name
 from jobs.metrics import epoch_lines, read_metrics, write_metrics
+from jobs.retry import retry_window
+from jobs.retrying_fs import patient
 from jobs.run import (
     Prepared,
     _public_metrics,
@@ -258,6 +260,8 @@ def run_search(
         raise TlctlError(f"search failed: {root_cause(exc)}", exit_code=EXIT_FAILED) from exc
     finally:
         PROGRESS.pop(prepared.run.uri, None)
+    # Past the search, storage calls wait out an outage as the trials' training did.
+    prepared = dataclasses.replace(prepared, run=patient(prepared.run, retry_window(prepared.spec)))
     rows = trial_rows(prepared, grid)
     write_trials_table(prepared.run, rows)
     info = export_best(prepared, rows)
@@ -285,7 +289,7 @@ def trial_rows(prepared: Prepared, grid) -> list[dict[str, Any]]:
         lines = epoch_lines(read_metrics(loc.join("metrics.jsonl")))
         # The best epoch that has a checkpoint: an epoch can be logged and then lose its
         # checkpoint when ASHA stops the trial mid-upload, and ties keep only one epoch.
-        kept = _checkpointed_epochs(loc)
+        kept = _checkpoint_names(loc)
         best = _best_line([m for m in lines if int(m["epoch"]) in kept], metric, mode)
         done = max((int(m["epoch"]) + 1 for m in lines), default=0)
         if result.error is not None:
@@ -294,7 +298,7 @@ def trial_rows(prepared: Prepared, grid) -> list[dict[str, Any]]:
             status = "completed"
         else:
             status = "stopped"  # ASHA ended it early: a decision, not a failure
-        ckpt = _checkpoint_uri(loc, best)
+        ckpt = loc.join("checkpoints", kept[int(best["epoch"])]).uri if best else None
         best = best or _best_line(lines, metric, mode)
         rows.append(
             {
@@ -332,26 +336,20 @@ def _best_line(lines: list[dict], metric: str, mode: str) -> dict[str, Any] | No
     return pick(scored, key=lambda m: m[metric])
 
 
-def _checkpointed_epochs(trial: Location) -> set[int]:
-    """Epochs whose checkpoint is complete: a trial that ASHA stops can leave a partly
-    uploaded one behind."""
+def _checkpoint_names(trial: Location) -> dict[int, str]:
+    """Epoch → its newest checkpoint dir holding every file (a trial that ASHA stops can
+    leave a partly uploaded one behind); a cheap listing, export verifies the winner."""
     loc = trial.join("checkpoints")
     if not exists(loc):
-        return set()
-    epochs = set()
+        return {}
+    found: dict[int, tuple[int, str]] = {}
     for name in list_dir(loc):
-        number = name.removeprefix("epoch-")
-        if name.startswith("epoch-") and number.isdigit():
-            if set(CHECKPOINT_FILES) <= set(list_dir(loc.join(name))):
-                epochs.add(int(number))
-    return epochs
-
-
-def _checkpoint_uri(trial: Location, best: dict[str, Any] | None) -> str | None:
-    if best is None:
-        return None
-    ckpt = trial.join("checkpoints", f"epoch-{int(best['epoch']):04d}")
-    return ckpt.uri if exists(ckpt.join(MODEL_FILE)) else None
+        parsed = parse_checkpoint_name(name)
+        if parsed is None or not set(CHECKPOINT_FILES) <= set(list_dir(loc.join(name))):
+            continue
+        if parsed[0] not in found or parsed[1] > found[parsed[0]][0]:
+            found[parsed[0]] = (parsed[1], name)
+    return {epoch: name for epoch, (_, name) in found.items()}
 
 
 def export_best(prepared: Prepared, rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -369,16 +367,14 @@ def export_best(prepared: Prepared, rows: list[dict[str, Any]]) -> dict[str, Any
     run = prepared.run
     values = {k: winner[k] for k in dimensions(search)}
     trial_spec = apply_trial(prepared.spec, values)
-    ckpt = trial_location(run, winner["trial_id"]).join(
-        "checkpoints", f"epoch-{int(winner['best_epoch']):04d}"
+    ckpt, reason = complete_checkpoint(
+        trial_location(run, winner["trial_id"]).join("checkpoints"), int(winner["best_epoch"])
     )
     lines = epoch_lines(read_metrics(trial_location(run, winner["trial_id"]).join("metrics.jsonl")))
     best = next(m for m in lines if int(m["epoch"]) == int(winner["best_epoch"]))
-    reason = verify(ckpt)
-    if reason is not None:
+    if ckpt is None:
         raise TlctlError(
-            f"the best trial's checkpoint {ckpt.uri} is not complete ({reason})",
-            exit_code=EXIT_FAILED,
+            f"the best trial's checkpoint is not complete ({reason})", exit_code=EXIT_FAILED
         )
     info = model_json(
         dataclasses.replace(prepared, spec=trial_spec),

@@ -132,6 +132,10 @@ class StorageSpec(_Section):
 
 class CheckpointSpec(_Section):
     keep: int = Field(2, ge=1)
+    every_epochs: int = Field(1, ge=1)  # the last epoch is always checkpointed
+    # Checkpoints saved but not yet uploaded before training waits for storage; default 4,
+    # 1 in a search (the metrics ASHA decides on arrive with each upload).
+    max_pending: int | None = Field(None, ge=1)
     metric: Literal["val_acc", "val_loss", "train_acc", "train_loss"] = "val_acc"
     mode: Literal["max", "min"] | None = None  # default: min for losses, max otherwise
 
@@ -276,6 +280,8 @@ def parse_spec(
     if spec.checkpoint.mode is None:
         spec.checkpoint.mode = "min" if spec.checkpoint.metric.endswith("loss") else "max"
     resolve_search(spec.search)
+    if spec.checkpoint.max_pending is None:
+        spec.checkpoint.max_pending = 1 if spec.search else 4
     if spec.failure.max_failures is None:
         spec.failure.max_failures = 0 if local else 2
     if spec.storage.endpoint is None and "://" in spec.storage.uri:

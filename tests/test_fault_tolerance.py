@@ -1,5 +1,5 @@
-"""End to end: a run survives a killed training worker, and fails cleanly, checkpoints
-intact, when failures exceed `failure.max_failures`.
+"""End to end: a run survives a killed training worker and an S3 outage, and fails cleanly,
+checkpoints intact, when failures exceed `failure.max_failures`.
 
 Each run is a real `tlctl submit --local` subprocess (its own Ray, 2 workers) against real
 SeaweedFS; a worker is killed with SIGKILL by the pid its run recorded. Every checkpoint is
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.local.s3server import S3Server
+from cluster.local.s3server import S3Server, start_s3_server
 from jobs.manifest import checkpoint_dirs, verify
 from jobs.storage import exists, read_text, resolve
 from jobs.synth import synthesize
@@ -27,6 +27,7 @@ from jobs.synth import synthesize
 pytestmark = pytest.mark.slow
 SIZE = 32
 EPOCHS = 5
+OUTAGE_S = 20.0
 
 
 @pytest.fixture(scope="module")
@@ -81,11 +82,17 @@ def wait_for(proc: subprocess.Popen, check, what: str, timeout: float = 240) -> 
 
 
 def all_intact(run) -> list[int]:
-    """Epochs of the run's checkpoints; each must verify against its manifest."""
-    found = checkpoint_dirs(run.join("checkpoints"))
-    for epoch, loc in found:
-        assert verify(loc) is None, (epoch, verify(loc))
-    return sorted(epoch for epoch, _ in found)
+    """Epochs of the run's complete checkpoints. Every dir with a manifest must verify; the
+    only other kind allowed is an upload cut short by the failure (no manifest yet), which
+    is never taken for a checkpoint."""
+    epochs = []
+    for epoch, loc in checkpoint_dirs(run.join("checkpoints")):
+        reason = verify(loc)
+        if reason is None:
+            epochs.append(epoch)
+        else:
+            assert reason.startswith("no manifest.json"), (loc.uri, reason)
+    return sorted(epochs)
 
 
 @pytest.fixture
@@ -126,7 +133,7 @@ def test_a_killed_worker_is_replaced_and_the_run_finishes(tmp_path, data, s3) ->
     assert resumed[0]["time"] > failures[0]["time"]
     placements = [m for m in lines if m.get("event") == "workers"]
     assert len(placements) >= 2 and victim not in {w["pid"] for w in placements[-1]["workers"]}
-    assert all_intact(run)[-1] == EPOCHS - 1
+    assert set(all_intact(run)) == set(range(EPOCHS))  # every epoch's checkpoint, whole
     assert verify(run.join("model")) is None
 
 
@@ -144,3 +151,80 @@ def test_more_failures_than_allowed_fail_cleanly_with_checkpoints_intact(
     assert epochs and epochs[0] == 0
     assert not exists(run.join("model", "model.json"))
     assert any(m.get("event") == "worker_failure" for m in lines_of(run))
+
+
+@pytest.fixture(scope="module")
+def own_s3(tmp_path_factory) -> S3Server:
+    """A SeaweedFS server of this module's own: the outage test stops and restarts it."""
+    server = start_s3_server(tmp_path_factory.mktemp("outage-s3"))
+    server.create_bucket("outage")
+    try:
+        yield server
+    finally:
+        server.stop(grace=2.0)
+
+
+def test_an_s3_outage_mid_run_is_waited_out(tmp_path, data, own_s3: S3Server, monkeypatch) -> None:
+    """S3 down for 20 s after the first checkpoint: training goes on, uploads land after."""
+    for name, value in own_s3.env().items():
+        monkeypatch.setenv(name, value)
+    env = dict(os.environ)
+    spec = write_spec(
+        tmp_path, data, "outage", "s3://outage/ft", own_s3.endpoint, storage_retry_s=120
+    )
+    proc = start(spec, env)
+    run = resolve("s3://outage/ft", own_s3.endpoint).join("outage")
+    wait_for(
+        proc,
+        lambda: exists(run.join("checkpoints", "epoch-0000", "manifest.json")),
+        "first checkpoint",
+    )
+    down_at = time.time()
+    # A clean stop (~17 s): SIGKILLed, SeaweedFS can lose writes it had acknowledged, which
+    # S3 never does; the run must not be blamed for that.
+    own_s3.stop(grace=30.0)
+    time.sleep(max(0.0, down_at + OUTAGE_S - time.time()))
+    assert proc.poll() is None, proc.communicate()  # still running through the outage
+    own_s3.restart()
+    up_at = time.time()
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, (out[-2000:], err[-3000:])
+
+    lines = lines_of(run)
+    epochs = [m for m in lines if m["kind"] == "epoch"]
+    assert [m["epoch"] for m in epochs] == list(range(EPOCHS))
+    # Training went on while storage was down: an epoch ended during the outage.
+    assert any(down_at < m["time"] < up_at for m in epochs), [m["time"] for m in epochs]
+    assert not any(m.get("event") == "worker_failure" for m in lines)
+    assert set(all_intact(run)) == set(range(EPOCHS))
+    assert verify(run.join("model")) is None
+
+
+def test_an_outage_past_the_window_fails_cleanly(tmp_path, data, own_s3: S3Server, monkeypatch):
+    """`failure.storage_retry_s: 3` and S3 down for good: exit 1 naming the storage error,
+    no traceback; once S3 is back, what was written before verifies."""
+    for name, value in own_s3.env().items():
+        monkeypatch.setenv(name, value)
+    spec = write_spec(
+        tmp_path, data, "outage-long", "s3://outage/ft", own_s3.endpoint, storage_retry_s=3
+    )
+    proc = start(spec, dict(os.environ))
+    run = resolve("s3://outage/ft", own_s3.endpoint).join("outage-long")
+    wait_for(
+        proc,
+        lambda: exists(run.join("checkpoints", "epoch-0000", "manifest.json")),
+        "first checkpoint",
+    )
+    own_s3.stop(grace=30.0)
+    try:
+        out, err = proc.communicate(timeout=600)
+    finally:
+        own_s3.restart()
+    assert proc.returncode == 1, (out[-2000:], err[-3000:])
+    assert "error: training failed" in err and "still failing after 3 s" in err, err[-3000:]
+    assert "Traceback" not in err
+    reasons = {epoch: verify(loc) for epoch, loc in checkpoint_dirs(run.join("checkpoints"))}
+    assert reasons[0] is None  # landed before the outage: intact
+    # An upload cut off by the outage left no manifest: never taken for a checkpoint.
+    assert all(r is None or r.startswith("no manifest.json") for r in reasons.values()), reasons
+    assert not exists(run.join("model", "model.json"))

@@ -122,6 +122,19 @@ class S3Server:
                 self._wait_exit(10.0)
         _remove_sockets(self.ports.values())
 
+    def restart(self, *, timeout: float = 60.0) -> None:
+        """Start it again after `stop()` on the same ports, keys and data (an outage ends)."""
+        if self.is_running():
+            raise TlctlError(f"SeaweedFS at {self.endpoint} is still running")
+        again = start_s3_server(
+            self.data_dir,
+            access_key=self.access_key,
+            secret_key=self.secret_key,
+            ports=self.ports,
+            timeout=timeout,
+        )
+        self.pid, self._proc = again.pid, again._proc
+
     def _wait_exit(self, timeout: float) -> bool:
         if self._proc is not None:
             try:
@@ -205,7 +218,10 @@ def find_weed() -> str:
 
 
 def _port_free(port: int, host: str = HOST) -> bool:
+    """Whether a server could listen on `port` now. SO_REUSEADDR, as Go's listeners set it:
+    connections a stopped server left in TIME_WAIT do not keep its ports from being reused."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError:
@@ -297,15 +313,19 @@ def start_s3_server(
     access_key: str = "tlctl",
     secret_key: str | None = None,
     port: int | None = None,
+    ports: dict[str, int] | None = None,
     timeout: float = 60.0,
 ) -> S3Server:
-    """Start SeaweedFS with S3 on 127.0.0.1 and return once S3 answers ListBuckets."""
+    """Start SeaweedFS with S3 on 127.0.0.1 and return once S3 answers ListBuckets.
+
+    `ports` (master, volume, filer, s3) reuses a stopped server's ports, as `restart` does.
+    """
     weed = find_weed()
     data_dir = Path(data_dir).resolve()
     (data_dir / STORE_DIR).mkdir(parents=True, exist_ok=True)
     secret_key = secret_key or secrets.token_urlsafe(24)
     _write_identities(data_dir, access_key, secret_key)
-    ports = _pick_ports(port)
+    ports = dict(ports) if ports else _pick_ports(port)
     with open(data_dir / LOG_FILE, "ab") as log:
         proc = subprocess.Popen(
             _weed_command(weed, data_dir, ports),

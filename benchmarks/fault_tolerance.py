@@ -110,13 +110,19 @@ def epochs_of(lines: list[dict]) -> list[dict]:
 # --- 1. checkpoint stall ------------------------------------------------------------------
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def stall_arm(b: Bench, arm: str, name: str, epochs: int) -> dict:
     every = epochs + 1 if arm == "off" else 1
     spec = b.spec(name, epochs, checkpoint={"every_epochs": every, "keep": 2})
     env = {**b.env, "TLCTL_CHECKPOINT_UPLOAD_MODE": "SYNC" if arm == "sync" else "ASYNC"}
-    t0 = time.time()
+    t0, s3_cpu = time.time(), cpu_seconds(b.s3_pid)
     finish(b.submit(spec, env), f"{arm} run {name}")
-    wall = time.time() - t0
+    wall, s3_cpu = time.time() - t0, cpu_seconds(b.s3_pid) - s3_cpu
     ep = epochs_of(b.lines(name))
     cycles = [ep[i + 1]["epoch_start"] - ep[i]["epoch_start"] for i in range(1, len(ep) - 1)]
     blocks = [
@@ -135,6 +141,10 @@ def stall_arm(b: Bench, arm: str, name: str, epochs: int) -> dict:
         "checkpoint_wait_s": statistics.median(
             ep[i].get("checkpoint_wait_s", 0.0) for i in range(1, len(ep) - 1)
         ),
+        # The S3 server's CPU over the whole run (every checkpoint, metrics, data listing):
+        # on this machine it shares the training's cores.
+        "s3_server_cpu_s": s3_cpu,
+        "checkpoints": epochs if arm != "off" else 1,
         "cycles_s": cycles,
         "wall_s": wall,
     }
@@ -154,6 +164,12 @@ def stall_summary(rounds: list[dict]) -> dict:
         ],
         "block_s": {arm: med(arm, "block_s") for arm in ARMS},
         "checkpoint_block_s_async": med("async", "block_s") - off_block,
+        # S3 server CPU per checkpoint beyond the off arm's (which saves one checkpoint)
+        "s3_server_cpu_s_per_checkpoint": {
+            arm: (med(arm, "s3_server_cpu_s") - med("off", "s3_server_cpu_s"))
+            / (rounds[0][arm]["checkpoints"] - 1)
+            for arm in ("async", "sync")
+        },
         "checkpoint_block_s_sync": med("sync", "block_s") - off_block,
     }
 
@@ -302,6 +318,7 @@ def main() -> None:
             size=SIZE, seed=0,
         )  # fmt: skip
         b = Bench(work, data, s3.endpoint, dict(os.environ), args.per_class)
+        b.s3_pid = s3.pid
         rounds: list[dict] = []
         for r in range(0 if args.skip_stall else args.rounds):
             order = ARMS[r % 3 :] + ARMS[: r % 3]

@@ -114,6 +114,10 @@ class MetricsLog:
 
     def close(self) -> None:
         """Wait until every line is in storage (or raise the write's error)."""
+        self.flush()
+
+    def flush(self) -> None:
+        """Wait until every line so far is in storage (or raise the write's error)."""
         with self._cond:
             while (self._pending or self._busy) and self._error is None:
                 self._cond.wait(timeout=1.0)

@@ -8,7 +8,6 @@ calls `ray.train.report` (it is collective).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import math
@@ -261,26 +260,24 @@ def gather_placement(rank: int, world: int, device: torch.device) -> list[dict[s
 
 
 def usable_checkpoint(latest, checkpoints: Location) -> tuple[Any, list[tuple[str, str]]]:
-    """The checkpoint to resume from: Ray's latest if its manifest verifies, else the newest
-    one in storage that does (None: start over). Also (uri, reason) of each one skipped."""
+    """The checkpoint to resume from: the newest in storage whose manifest verifies (None:
+    start over), and (uri, reason) of each newer one skipped.
+
+    Usually that is Ray's latest. It can be newer: a checkpoint whose upload finished (its
+    manifest landed) just before its worker or node died, so Ray never registered it; it is
+    complete, and resuming from it loses less. It is older when Ray's latest is broken.
+    Verified where it lies (not through as_directory: a second download of the same
+    checkpoint by load_checkpoint would contend for Ray's per-node download lock).
+    """
     import ray.train
 
-    if latest is None:
-        return None, []
-    # Verified where it lies (not through as_directory: a second download of the same
-    # checkpoint by load_checkpoint would contend for Ray's per-node download lock).
-    latest_path = latest.path.rstrip("/")
-    reason = verify(
-        dataclasses.replace(checkpoints, path=latest_path, uri=_uri(checkpoints, latest_path))
-    )
-    if reason is None:
-        return latest, []
-    skipped = [(_uri(checkpoints, latest_path), reason)]
+    latest_path = latest.path.rstrip("/") if latest is not None else None
+    skipped = []
     for _, loc in checkpoint_dirs(checkpoints):
-        if loc.path.rstrip("/") == latest_path:
-            continue
         reason = verify(loc)
         if reason is None:
+            if loc.path.rstrip("/") == latest_path:
+                return latest, skipped
             return ray.train.Checkpoint(loc.path, filesystem=loc.fs), skipped
         skipped.append((loc.uri, reason))
     return None, skipped
@@ -366,6 +363,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     log = (
         MetricsLog(run.join("metrics.jsonl"), retry_window_s=window, **tags) if rank == 0 else None
     )
+    if log is not None:
+        # A checkpoint's manifest lands only after its epoch's metrics line: a run resumed
+        # from it never lacks that line.
+        uploader.before_manifest = log.flush
     workers = gather_placement(rank, world, device)
     if rank == 0:
         remove_stale_local_checkpoints(config["run_uri"])

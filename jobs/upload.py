@@ -18,6 +18,7 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 
 import pyarrow.fs as pafs
 
@@ -108,6 +109,7 @@ class Uploader:
         self.window_s = window_s
         self.fs = fs  # default: the storage's own (inner) filesystem
         self.background = background  # runs in Ray's upload thread: lower its priority
+        self.before_manifest: Callable[[], None] | None = None  # e.g. flush the metrics
         self._cond = threading.Condition()
         self._pending = 0
 
@@ -147,6 +149,8 @@ class Uploader:
         what = f"checkpoint {checkpoint_dir_name}"
         retrying(lambda: fs.create_dir(dest, recursive=True), what=what, window_s=window_s)
         for name in upload_order(os.listdir(local)):
+            if name == MANIFEST and self.before_manifest is not None:
+                self.before_manifest()
             retrying(
                 lambda name=name: put_file(fs, os.path.join(local, name), f"{dest}/{name}"),
                 what=f"{what}/{name}",

@@ -283,10 +283,6 @@ def usable_checkpoint(latest, checkpoints: Location) -> tuple[Any, list[tuple[st
     return None, skipped
 
 
-def _uri(base: Location, path: str) -> str:
-    return f"s3://{path}" if base.is_s3 else path
-
-
 class _Progress:
     """Per-step callback: notes the first step's time (start-up cost) and pushes progress
     to the driver's queue (local runs), at most ~4 times a second."""

@@ -101,5 +101,7 @@ def test_a_lost_worker_node_is_survived(
     after = [m for m in lines if m.get("event") == "workers"][-1]["workers"]
     assert len({w["node_id"] for w in after}) == 1  # both workers now on the head
     for _, loc in checkpoint_dirs(run.join("checkpoints")):
-        assert verify(loc) is None, loc.uri
+        reason = verify(loc)
+        # An upload cut off by the node's death has no manifest: never used, allowed here.
+        assert reason is None or reason.startswith("no manifest.json"), (loc.uri, reason)
     assert verify(run.join("model")) is None

@@ -151,27 +151,29 @@ def stall_arm(b: Bench, arm: str, name: str, epochs: int) -> dict:
 
 
 def stall_summary(rounds: list[dict]) -> dict:
+    arms = [arm for arm in ARMS if arm in rounds[0]]
+
     def med(arm: str, key: str) -> float:
         return statistics.median(r[arm][key] for r in rounds)
 
     off_block = med("off", "block_s")
-    return {
-        "images_per_s": {arm: med(arm, "images_per_s") for arm in ARMS},
-        "ratio_async_over_off": med("async", "images_per_s") / med("off", "images_per_s"),
-        "ratio_sync_over_off": med("sync", "images_per_s") / med("off", "images_per_s"),
-        "per_round_ratio_async_over_off": [
-            r["async"]["images_per_s"] / r["off"]["images_per_s"] for r in rounds
-        ],
-        "block_s": {arm: med(arm, "block_s") for arm in ARMS},
-        "checkpoint_block_s_async": med("async", "block_s") - off_block,
-        # S3 server CPU per checkpoint beyond the off arm's (which saves one checkpoint)
-        "s3_server_cpu_s_per_checkpoint": {
-            arm: (med(arm, "s3_server_cpu_s") - med("off", "s3_server_cpu_s"))
-            / (rounds[0][arm]["checkpoints"] - 1)
-            for arm in ("async", "sync")
-        },
-        "checkpoint_block_s_sync": med("sync", "block_s") - off_block,
+    out: dict = {
+        "images_per_s": {arm: med(arm, "images_per_s") for arm in arms},
+        "block_s": {arm: med(arm, "block_s") for arm in arms},
     }
+    for arm in arms:
+        if arm == "off":
+            continue
+        out[f"ratio_{arm}_over_off"] = med(arm, "images_per_s") / med("off", "images_per_s")
+        out[f"per_round_ratio_{arm}_over_off"] = [
+            r[arm]["images_per_s"] / r["off"]["images_per_s"] for r in rounds
+        ]
+        out[f"checkpoint_block_s_{arm}"] = med(arm, "block_s") - off_block
+        # S3 server CPU per checkpoint beyond the off arm's (which saves one checkpoint)
+        out.setdefault("s3_server_cpu_s_per_checkpoint", {})[arm] = (
+            med(arm, "s3_server_cpu_s") - med("off", "s3_server_cpu_s")
+        ) / (rounds[0][arm]["checkpoints"] - 1)
+    return out
 
 
 # --- 2. recovery cost ---------------------------------------------------------------------
@@ -289,6 +291,11 @@ def main() -> None:
     ap.add_argument("--kills", type=int, default=5)
     ap.add_argument("--recovery-epochs", type=int, default=12)
     ap.add_argument("--per-class", type=int, default=600)
+    ap.add_argument(
+        "--arms",
+        default=",".join(ARMS),
+        help="stall arms to run, comma-separated (off is always run: the others' baseline)",
+    )
     ap.add_argument("--skip-stall", action="store_true")
     ap.add_argument("--skip-recovery", action="store_true")
     ap.add_argument(
@@ -302,6 +309,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     ap.add_argument("--name", default="fault_tolerance.json")
     args = ap.parse_args()
+    arms = tuple(arm for arm in ARMS if arm in args.arms.split(",") or arm == "off")
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix="tlctl-bench-ft-"))
     s3 = start_s3_server(work / "s3")
@@ -321,7 +329,7 @@ def main() -> None:
         b.s3_pid = s3.pid
         rounds: list[dict] = []
         for r in range(0 if args.skip_stall else args.rounds):
-            order = ARMS[r % 3 :] + ARMS[: r % 3]
+            order = arms[r % len(arms) :] + arms[: r % len(arms)]
             row = {}
             for arm in order:
                 row[arm] = stall_arm(b, arm, f"stall-{arm}-{r}", args.epochs)
@@ -349,6 +357,7 @@ def main() -> None:
                 "workers": f"{WORKERS} x 1 CPU",
                 "batch_per_worker": BATCH,
                 "stall_epochs": args.epochs,
+                "stall_arms": list(arms),
                 "rounds": args.rounds,
                 "kills": args.kills,
                 "recovery_epochs": args.recovery_epochs,

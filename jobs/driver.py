@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from jobs.errors import EXIT_FAILED, TlctlError
+from jobs.interrupts import SigintWatch
 from jobs.run import Prepared, run_job
 
 INGEST_CPUS = 2  # logical CPUs left for Ray Data's read/decode tasks
@@ -79,10 +80,12 @@ def drive(
             outcome["error"] = exc
 
     thread = threading.Thread(target=work, name="tlctl-train", daemon=True)
-    thread.start()
-    while thread.is_alive():
-        _drain(progress, on_progress, timeout=0.2)
-    _drain(progress, on_progress, timeout=0.0)
+    with SigintWatch() as ctrl_c:  # Ctrl-C must stop the driver, see jobs.interrupts
+        thread.start()
+        while thread.is_alive():
+            ctrl_c.check()
+            _drain(progress, on_progress, timeout=0.2)
+        _drain(progress, on_progress, timeout=0.0)
     if "error" in outcome:
         err = outcome["error"]
         if isinstance(err, TlctlError):

@@ -126,15 +126,27 @@ class RetryingHandler(pafs.FileSystemHandler):
         def put() -> None:
             size = spool.seek(0, 2)
             spool.seek(0)
-            with self.inner.open_output_stream(path) as stream:
-                shutil.copyfileobj(spool, stream, _CHUNK)
-            landed = self.inner.get_file_info(path)
-            if landed.size != size:
-                raise IncompleteUpload(
-                    f"{path} has {landed.size} bytes after its upload, {size} sent"
-                )
+            put_checked(self.inner, spool, size, path)
 
         self._retry(f"write {path}", put)
+
+
+def put_checked(fs: pafs.FileSystem, src: IO[bytes], size: int, dest: str) -> None:
+    """Write `size` bytes from `src` to `dest`, then check that the object landed whole.
+
+    Not pyarrow's copy_files: when S3 failed a part of a multipart upload while shutting
+    down, copy_files returned success and the object was never created (the error only
+    went to the log: "Error ignored when destroying file"). Closing the stream here raises
+    the error, and the size check catches anything that still slips through
+    (IncompleteUpload, retried like an outage).
+    """
+    with fs.open_output_stream(dest) as out:
+        shutil.copyfileobj(src, out, _CHUNK)
+    landed = fs.get_file_info(dest)
+    if landed.type != pafs.FileType.File or landed.size != size:
+        raise IncompleteUpload(
+            f"{dest} has {landed.size} bytes in storage after its upload, {size} were sent"
+        )
 
 
 class _PutOnClose:

@@ -259,9 +259,10 @@ def gather_placement(rank: int, world: int, device: torch.device) -> list[dict[s
     return [mine]
 
 
-def usable_checkpoint(latest, checkpoints: Location) -> tuple[Any, list[tuple[str, str]]]:
-    """The checkpoint to resume from: the newest in storage whose manifest verifies (None:
-    start over), and (uri, reason) of each newer one skipped.
+def usable_checkpoint(latest, candidates: list[Location]) -> tuple[Any, list[tuple[str, str]]]:
+    """The checkpoint to resume from: the newest of `candidates` (the run's checkpoint dirs,
+    newest first) whose manifest verifies (None: start over), and (uri, reason) of each
+    newer one skipped.
 
     Usually that is Ray's latest. It can be newer: a checkpoint whose upload finished (its
     manifest landed) just before its worker or node died, so Ray never registered it; it is
@@ -273,7 +274,7 @@ def usable_checkpoint(latest, checkpoints: Location) -> tuple[Any, list[tuple[st
 
     latest_path = latest.path.rstrip("/") if latest is not None else None
     skipped = []
-    for _, loc in checkpoint_dirs(checkpoints):
+    for loc in candidates:
         reason = verify(loc)
         if reason is None:
             if loc.path.rstrip("/") == latest_path:
@@ -342,15 +343,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # rank verifies and loads the same checkpoint, so the replicas stay identical.
     run = resolve(config["run_uri"], spec["storage"].get("endpoint"))
     start_epoch, resumed_from = 0, None
-    ckpts = run.join("checkpoints")
-    checkpoint, skipped = usable_checkpoint(ray.train.get_checkpoint(), ckpts)
+    existing = [loc for _, loc in checkpoint_dirs(run.join("checkpoints"))]
+    checkpoint, skipped = usable_checkpoint(ray.train.get_checkpoint(), existing)
     if checkpoint is not None:
         net = model.module if hasattr(model, "module") else model
         meta = load_checkpoint(checkpoint, net, optimizer, scheduler)
         start_epoch, resumed_from = int(meta["epoch"]) + 1, int(meta["epoch"])
 
     # Names left by earlier attempts are never reused (see checkpoint_name).
-    taken = {loc.path.rstrip("/").rsplit("/", 1)[-1] for _, loc in checkpoint_dirs(ckpts)}
+    taken = {loc.path.rstrip("/").rsplit("/", 1)[-1] for loc in existing}
     tags = config.get("metrics_tags") or {}
     window = retry_window(spec)
     # Hashing and uploading 100s of MB compete with training for the CPU: the background

@@ -23,10 +23,9 @@ from collections.abc import Callable
 import pyarrow.fs as pafs
 
 from jobs.manifest import MANIFEST, write_local_manifest
-from jobs.retry import DEFAULT_WINDOW_S, IncompleteUpload, retrying
-from jobs.retrying_fs import inner_fs
+from jobs.retry import DEFAULT_WINDOW_S, retrying
+from jobs.retrying_fs import inner_fs, put_checked
 
-_CHUNK = 8 << 20
 NICE_STEP = 10
 
 
@@ -66,21 +65,9 @@ def lower_thread_priority(step: int = NICE_STEP) -> None:
 
 
 def put_file(fs: pafs.FileSystem, local: str, dest: str) -> None:
-    """Upload one file, then check that it landed whole.
-
-    Not pyarrow's copy_files: when S3 failed a part of a multipart upload while shutting
-    down, copy_files returned success and the object was never created (the error only
-    went to the log: "Error ignored when destroying file"). Closing the stream here raises
-    the error, and the size check catches anything that still slips through.
-    """
-    size = os.path.getsize(local)
-    with open(local, "rb") as src, fs.open_output_stream(dest) as out:
-        shutil.copyfileobj(src, out, _CHUNK)
-    landed = fs.get_file_info(dest)
-    if landed.type != pafs.FileType.File or landed.size != size:
-        raise IncompleteUpload(
-            f"{dest} has {landed.size} bytes in storage after its upload, {size} were sent"
-        )
+    """Upload one local file, checked after it lands (see jobs.retrying_fs.put_checked)."""
+    with open(local, "rb") as src:
+        put_checked(fs, src, os.path.getsize(local), dest)
 
 
 def upload_order(names: list[str]) -> list[str]:

@@ -365,11 +365,14 @@ def test_ctrl_c_then_resubmit_resumes(env: dict) -> None:
         text=True,
         env=dict(os.environ),
     )
-    log = run_loc(env, "interrupted").join("metrics.jsonl")
+    run = run_loc(env, "interrupted")
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
-        # Epoch 1's line is written after epoch 0's checkpoint was reported and registered.
-        if exists(log) and any(m.get("epoch") == 1 for m in metrics(env, "interrupted")):
+        # Interrupted in epoch 1 or later, once epoch 0's checkpoint is complete (uploads
+        # run in the background: the next epoch starts before its manifest lands).
+        if exists(run.join("checkpoints", "epoch-0000", "manifest.json")) and any(
+            m.get("epoch") == 1 for m in metrics(env, "interrupted")
+        ):
             break
         time.sleep(0.3)
     assert proc.poll() is None, proc.communicate()

@@ -138,8 +138,9 @@ def resume(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray's logs.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Resume a run from its stored spec alone (after a lost driver or a Ctrl-C): the same as
-    submitting that spec again, from the latest checkpoint that verifies."""
+    """Resume a run from its stored spec alone (after a lost driver or a Ctrl-C).
+
+    Same as submitting that spec again: training goes on from the newest verified checkpoint."""
     import tempfile
 
     from jobs.storage import exists, read_text, resolve

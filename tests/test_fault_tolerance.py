@@ -21,7 +21,7 @@ import yaml
 
 from cluster.local.s3server import S3Server, start_s3_server
 from jobs.manifest import checkpoint_dirs, verify
-from jobs.storage import exists, read_text, resolve
+from jobs.storage import exists, list_dir, read_text, resolve
 from jobs.synth import synthesize
 
 pytestmark = pytest.mark.slow
@@ -151,6 +151,51 @@ def test_more_failures_than_allowed_fail_cleanly_with_checkpoints_intact(
     assert epochs and epochs[0] == 0
     assert not exists(run.join("model", "model.json"))
     assert any(m.get("event") == "worker_failure" for m in lines_of(run))
+
+
+def test_a_search_trial_whose_worker_dies_is_retried_the_same_way(tmp_path, data, s3) -> None:
+    """Tune: each trial's Train run has the job's FailureConfig, so a trial resumes from its
+    own latest complete checkpoint instead of failing the search."""
+    spec = write_spec(
+        tmp_path, data, "search-killed", s3["storage"], s3["endpoint"], max_failures=2
+    )
+    body = yaml.safe_load(spec.read_text())
+    body["search"] = {
+        "freeze_depth": [0],
+        "lr": [0.001],
+        "search_alg": "grid",
+        "scheduler": "fifo",
+        "metric": "train_acc",
+    }
+    spec.write_text(yaml.safe_dump(body))
+    run = resolve(s3["storage"], s3["endpoint"]).join("search-killed")
+    proc = start(spec, s3["env"])
+
+    def trial():
+        names = list_dir(run.join("trials"))
+        return run.join("trials", names[0]) if names else None
+
+    wait_for(
+        proc,
+        lambda: (
+            trial() is not None
+            and exists(trial().join("checkpoints", "epoch-0000", "manifest.json"))
+        ),
+        "the trial's first checkpoint",
+        timeout=300,
+    )
+    workers = [m for m in lines_of(trial()) if m.get("event") == "workers"][-1]["workers"]
+    os.kill(next(w["pid"] for w in workers if w["rank"] == 1), signal.SIGKILL)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, (out[-2000:], err[-3000:])
+
+    lines = lines_of(trial())
+    assert [m["epoch"] for m in lines if m["kind"] == "epoch"] == list(range(EPOCHS))
+    assert any(m.get("event") == "worker_failure" for m in lines)
+    resumed = [m for m in lines if m.get("event") == "resumed"]
+    assert resumed and resumed[0]["from_checkpoint_epoch"] >= 0
+    assert set(all_intact(trial())) >= {EPOCHS - 1}
+    assert verify(run.join("model")) is None
 
 
 @pytest.fixture(scope="module")

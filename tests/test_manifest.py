@@ -16,6 +16,7 @@ from jobs.errors import TlctlError
 from jobs.manifest import (
     MANIFEST,
     checkpoint_dirs,
+    checkpoint_name,
     verify,
     verify_local,
     write_local_manifest,
@@ -67,6 +68,22 @@ def test_checkpoint_dirs_are_listed_newest_first(tmp_path: Path) -> None:
     assert [epoch for epoch, _ in found] == [2, 1, 0]
     assert found[0][1].uri.endswith("epoch-0002")
     assert checkpoint_dirs(resolve(str(tmp_path / "none"))) == []
+
+
+def test_a_checkpoint_name_is_never_reused(tmp_path: Path) -> None:
+    """Ray Train deletes an evicted checkpoint by path: a re-run epoch must not take the
+    name of the (broken) checkpoint it replaces."""
+    assert checkpoint_name(3, []) == "epoch-0003"
+    assert checkpoint_name(1, ["epoch-0000", "epoch-0001"]) == "epoch-0001-r2"
+    assert checkpoint_name(1, ["epoch-0001", "epoch-0001-r2"]) == "epoch-0001-r3"
+    for name in ("epoch-0001", "epoch-0001-r2", "epoch-0001-r3"):
+        checkpoint(tmp_path / "checkpoints" / name)
+    found = checkpoint_dirs(resolve(str(tmp_path / "checkpoints")))
+    assert [loc.uri.rsplit("/", 1)[-1] for _, loc in found] == [
+        "epoch-0001-r3",
+        "epoch-0001-r2",
+        "epoch-0001",
+    ]
 
 
 def test_truncated_model_weights_are_reported_never_loaded(tmp_path: Path) -> None:

@@ -5,10 +5,11 @@ thread. Ray runs Python's signal handlers itself while it waits, so that Ctrl-C 
 interrupt a blocking get, and the KeyboardInterrupt that raised there did not always come
 out of the call: traced with strace, the SIGINT reached the main thread, `ray.get` returned
 as if nothing had happened, and without this module the run went on to finish with exit 0
-(in the full test suite most of the time, alone now and then). So the driver also watches
-for SIGINT itself: Python's C-level handler writes each caught signal's number to the
-wakeup fd as it arrives, before any Python code runs and whatever happens to the exception;
-the driver's loop reads that pipe between waits and raises KeyboardInterrupt on its own.
+(the Ctrl-C tests failed so in both full test-suite runs before it; in two traced runs, it
+was this watch that stopped the driver). So the driver also watches for SIGINT itself:
+Python's C-level handler writes each caught signal's number to the wakeup fd as it arrives,
+before any Python code runs and whatever happens to the exception; the driver's loop reads
+that pipe between waits and raises KeyboardInterrupt on its own.
 """
 
 from __future__ import annotations

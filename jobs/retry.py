@@ -40,7 +40,7 @@ def retry_window(spec: dict) -> float:
 
 class IncompleteUpload(OSError):
     """An upload that reported success but is not in storage whole (checked after each one:
-    pyarrow can lose a failed multipart part, see jobs.upload.put_file). Retried."""
+    pyarrow can lose a failed multipart part, see jobs.retrying_fs.put_checked). Retried."""
 
 
 def is_transient(exc: BaseException) -> bool:

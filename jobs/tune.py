@@ -25,7 +25,7 @@ import time
 from typing import Any
 
 from jobs.errors import EXIT_FAILED, TlctlError
-from jobs.manifest import MANIFEST, complete_checkpoint, parse_checkpoint_name
+from jobs.manifest import MANIFEST, checkpoint_dirs, complete_checkpoint
 from jobs.metrics import epoch_lines, read_metrics, write_metrics
 from jobs.retry import retry_window
 from jobs.retrying_fs import patient
@@ -41,7 +41,7 @@ from jobs.run import (
     write_run_header,
 )
 from jobs.search_space import apply_trial, dimensions, param_space
-from jobs.storage import Location, exists, list_dir, read_text
+from jobs.storage import Location, list_dir, read_text
 from jobs.train import META_FILE, MODEL_FILE, STATE_FILE
 from jobs.trials import TRIALS_TABLE, read_trials_table, write_trials_table
 
@@ -289,7 +289,7 @@ def trial_rows(prepared: Prepared, grid) -> list[dict[str, Any]]:
         lines = epoch_lines(read_metrics(loc.join("metrics.jsonl")))
         # The best epoch that has a checkpoint: an epoch can be logged and then lose its
         # checkpoint when ASHA stops the trial mid-upload, and ties keep only one epoch.
-        kept = _checkpoint_names(loc)
+        kept = _complete_checkpoints(loc)
         best = _best_line([m for m in lines if int(m["epoch"]) in kept], metric, mode)
         done = max((int(m["epoch"]) + 1 for m in lines), default=0)
         if result.error is not None:
@@ -298,7 +298,7 @@ def trial_rows(prepared: Prepared, grid) -> list[dict[str, Any]]:
             status = "completed"
         else:
             status = "stopped"  # ASHA ended it early: a decision, not a failure
-        ckpt = loc.join("checkpoints", kept[int(best["epoch"])]).uri if best else None
+        ckpt = kept[int(best["epoch"])].uri if best else None
         best = best or _best_line(lines, metric, mode)
         rows.append(
             {
@@ -336,20 +336,14 @@ def _best_line(lines: list[dict], metric: str, mode: str) -> dict[str, Any] | No
     return pick(scored, key=lambda m: m[metric])
 
 
-def _checkpoint_names(trial: Location) -> dict[int, str]:
+def _complete_checkpoints(trial: Location) -> dict[int, Location]:
     """Epoch → its newest checkpoint dir holding every file (a trial that ASHA stops can
     leave a partly uploaded one behind); a cheap listing, export verifies the winner."""
-    loc = trial.join("checkpoints")
-    if not exists(loc):
-        return {}
-    found: dict[int, tuple[int, str]] = {}
-    for name in list_dir(loc):
-        parsed = parse_checkpoint_name(name)
-        if parsed is None or not set(CHECKPOINT_FILES) <= set(list_dir(loc.join(name))):
-            continue
-        if parsed[0] not in found or parsed[1] > found[parsed[0]][0]:
-            found[parsed[0]] = (parsed[1], name)
-    return {epoch: name for epoch, (_, name) in found.items()}
+    found: dict[int, Location] = {}
+    for epoch, loc in checkpoint_dirs(trial.join("checkpoints")):  # newest rewrite first
+        if epoch not in found and set(CHECKPOINT_FILES) <= set(list_dir(loc)):
+            found[epoch] = loc
+    return found
 
 
 def export_best(prepared: Prepared, rows: list[dict[str, Any]]) -> dict[str, Any]:

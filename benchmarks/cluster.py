@@ -1,6 +1,6 @@
 """Cluster benchmarks, measured side by side in one run (the machine is noisy).
 
-    python benchmarks/cluster.py [--rounds 3] [--epochs 3] [--out benchmarks/results]
+    python -m benchmarks.cluster [--rounds 3] [--epochs 3] [--out benchmarks/results]
 
 One fresh 2-node local Ray cluster (cluster.local.raycluster, what `tlctl cluster up --local`
 starts: 2 CPUs per node, token auth, nodes without S3 credentials, so every cluster job
@@ -37,14 +37,13 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from cluster.local.raycluster import start_cluster
+from cluster.local.s3server import start_s3_server
+from jobs.data.synth import synthesize
+from jobs.storage.layout import RunLayout
+from jobs.storage.location import resolve
 
-from cluster.local.raycluster import start_cluster  # noqa: E402
-from cluster.local.s3server import start_s3_server  # noqa: E402
-from jobs.metrics import read_metrics  # noqa: E402
-from jobs.storage import resolve  # noqa: E402
-from jobs.synth import synthesize  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SIZE, CLASSES, PER_CLASS, BATCH, BUCKET = 32, 6, 200, 32, "bench"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -97,9 +96,9 @@ class Bench:
 
     def run_record(self, name: str) -> tuple[list[dict], float | None]:
         """The run's metrics lines, and when its driver wrote spec.yaml (S3 mtime, ~1 s)."""
-        run = resolve(f"{self.storage}/{name}", self.endpoint)
-        lines = read_metrics(run.join("metrics.jsonl"))
-        info = run.fs.get_file_info(run.join("spec.yaml").path)
+        run = RunLayout.at(f"{self.storage}/{name}", self.endpoint)
+        lines = run.read_log()
+        info = run.spec.fs.get_file_info(run.spec.path)
         header = info.mtime.timestamp() if info.mtime is not None else None
         return lines, header
 

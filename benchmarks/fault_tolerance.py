@@ -1,6 +1,6 @@
 """Fault-tolerance benchmarks, measured side by side in one run (the machine is noisy).
 
-    python benchmarks/fault_tolerance.py [--rounds 2] [--epochs 5] [--per-class 600]
+    python -m benchmarks.fault_tolerance [--rounds 2] [--epochs 5] [--per-class 600]
                                          [--kills 5] [--out benchmarks/results]
 
 One local SeaweedFS server holds the runs; the data is on local disk (so that only the
@@ -42,14 +42,13 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from cluster.local.s3server import start_s3_server
+from jobs.data.synth import synthesize
+from jobs.storage.layout import RunLayout
+from jobs.storage.location import resolve
+from jobs.storage.manifest import verify
 
-from cluster.local.s3server import start_s3_server  # noqa: E402
-from jobs.manifest import checkpoint_dirs, verify  # noqa: E402
-from jobs.metrics import read_metrics  # noqa: E402
-from jobs.storage import resolve  # noqa: E402
-from jobs.synth import synthesize  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SIZE, CLASSES, BATCH, WORKERS, BUCKET = 32, 6, 32, 2, "bench"
 ARMS = ("async", "off", "sync")
@@ -80,20 +79,20 @@ class Bench:
         path.write_text(yaml.safe_dump(body))
         return path
 
-    def run(self, name: str) -> object:
-        return resolve(self.storage, self.endpoint).join(name)
+    def run(self, name: str) -> RunLayout:
+        return RunLayout(resolve(self.storage, self.endpoint).join(name))
 
     def lines(self, name: str) -> list[dict]:
-        return read_metrics(self.run(name).join("metrics.jsonl"))
+        return self.run(name).read_log()
 
-    def submit(self, spec: Path, env: dict | None = None) -> subprocess.Popen:
+    def submit(self, spec: Path) -> subprocess.Popen:
         return subprocess.Popen(
             [sys.executable, "-m", "orchestrator.cli", "submit", str(spec), "--local", "--json"],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
             cwd=ROOT,
-            env=env or self.env,
+            env=self.env,
         )
 
 
@@ -118,10 +117,10 @@ def cpu_seconds(pid: int) -> float:
 
 def stall_arm(b: Bench, arm: str, name: str, epochs: int) -> dict:
     every = epochs + 1 if arm == "off" else 1
-    spec = b.spec(name, epochs, checkpoint={"every_epochs": every, "keep": 2})
-    env = {**b.env, "TLCTL_CHECKPOINT_UPLOAD_MODE": "SYNC" if arm == "sync" else "ASYNC"}
+    upload = "sync" if arm == "sync" else "async"
+    spec = b.spec(name, epochs, checkpoint={"every_epochs": every, "keep": 2, "upload": upload})
     t0, s3_cpu = time.time(), cpu_seconds(b.s3_pid)
-    finish(b.submit(spec, env), f"{arm} run {name}")
+    finish(b.submit(spec), f"{arm} run {name}")
     wall, s3_cpu = time.time() - t0, cpu_seconds(b.s3_pid) - s3_cpu
     ep = epochs_of(b.lines(name))
     cycles = [ep[i + 1]["epoch_start"] - ep[i]["epoch_start"] for i in range(1, len(ep) - 1)]
@@ -249,7 +248,7 @@ def recovery(b: Bench, kills: int, epochs: int, rng: random.Random) -> dict:
                 "epochs_lost": (kill["killed_at"] - base_end) / cycle if base_end else None,
             }
         )
-    intact = all(verify(loc) is None for _, loc in checkpoint_dirs(b.run(name).join("checkpoints")))
+    intact = all(verify(loc) is None for _, loc in b.run(name).checkpoint_dirs())
     return {
         "kills": out,
         "worker_failure_events": len(failures),

@@ -1,6 +1,6 @@
 """Foundation benchmarks, measured side by side in one run (the machine is noisy).
 
-    python benchmarks/foundation.py [--rounds 2] [--epochs 4] [--out benchmarks/results]
+    python -m benchmarks.foundation [--rounds 2] [--epochs 4] [--out benchmarks/results]
 
 1. Orchestration overhead: `tlctl submit --local` steady-state training images/s vs a
    hand-written PyTorch DDP loop (torch.multiprocessing + gloo, in-memory tensors).
@@ -30,19 +30,28 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from jobs.data.pipeline import build_datasets, decode_image
+from jobs.data.plan import DataPlan, plan_data
+from jobs.data.synth import synthesize
+from jobs.spec.model import DataSpec
+from jobs.storage.location import resolve
+from jobs.training import backbones
+from jobs.training.model import build_model, set_train_mode, trainable_parameters
+from jobs.training.steps import make_optimizer, to_input, train_one_epoch
 
-from jobs import backbones  # noqa: E402
-from jobs.data import decode_image, plan_data  # noqa: E402
-from jobs.train import make_optimizer, to_input  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 BACKBONE, SIZE, BATCH, WORKERS, CLASSES, PER_CLASS = "resnet18", 32, 32, 2, 6, 200
+OPTIMIZER = {"name": "adamw", "lr": 1e-3, "weight_decay": 1e-4}  # the spec's defaults
+
+
+def data_plan(data_dir: str) -> DataPlan:
+    return plan_data(DataSpec(train=data_dir, val_fraction=0.1), endpoint=None, seed=0)
 
 
 def load_arrays(data_dir: str) -> tuple[np.ndarray, np.ndarray]:
     """The train split decoded into memory, exactly as tlctl splits and decodes it."""
-    plan = plan_data({"train": data_dir, "val_fraction": 0.1}, seed=0)
+    plan = data_plan(data_dir)
     images = np.stack([decode_image(open(f, "rb").read(), SIZE, f) for f in plan.train.files])
     return images, np.asarray(plan.train.labels, dtype=np.int64)
 
@@ -60,12 +69,9 @@ def _plain_worker(rank: int, world: int, port: int, data_dir: str, epochs: int, 
     torch.manual_seed(0)
     images, labels = load_arrays(data_dir)
     images, labels = torch.from_numpy(images[rank::world]), torch.from_numpy(labels[rank::world])
-    model = backbones.build_model(BACKBONE, CLASSES, weights="none", dropout=0.2)
+    model = build_model(BACKBONE, CLASSES, weights="none", dropout=0.2)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
-    opt = make_optimizer(
-        backbones.trainable_parameters(model),
-        {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4},
-    )
+    opt = make_optimizer(trainable_parameters(model), **OPTIMIZER)
     mean = torch.tensor(backbones.IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(backbones.IMAGENET_STD).view(1, 3, 1, 1)
     rates = []
@@ -156,19 +162,14 @@ def _ingest_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from jobs.train import train_one_epoch
-
     torch.set_num_threads(1)
     torch.manual_seed(0)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     model = ray.train.torch.prepare_model(
-        backbones.build_model(BACKBONE, CLASSES, weights="none", dropout=0.2)
+        build_model(BACKBONE, CLASSES, weights="none", dropout=0.2)
     )
-    opt = make_optimizer(
-        backbones.trainable_parameters(model),
-        {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4},
-    )
+    opt = make_optimizer(trainable_parameters(model), **OPTIMIZER)
     mean = torch.tensor(backbones.IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(backbones.IMAGENET_STD).view(1, 3, 1, 1)
     if config["source"] == "memory":
@@ -212,17 +213,15 @@ def ingest_arms(data_dir: str, epochs: int, storage: str) -> dict[str, float]:
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from jobs.data import build_datasets
-
     images, labels = load_arrays(data_dir)
-    plan = plan_data({"train": data_dir, "val_fraction": 0.1}, seed=0)
+    plan = data_plan(data_dir)
     out = {}
     ray.init(address="local", num_cpus=WORKERS + 2, include_dashboard=False, log_to_driver=False)
     try:
         for source in ("raydata", "memory"):
             datasets = {}
             if source == "raydata":
-                ds = build_datasets(plan, {"image_size": SIZE, "augment": False})
+                ds = build_datasets(plan, DataSpec(train=data_dir, image_size=SIZE, augment=False))
                 datasets = {"train": ds["train"]}
             trainer = TorchTrainer(
                 _ingest_loop,
@@ -259,9 +258,9 @@ def freeze_step_times(reps: int = 12) -> dict[str, float]:
     y = torch.randint(0, 10, (32,))
     models = {}
     for depth in (0, depth_max):
-        m = backbones.build_model(name, 10, weights="none", freeze_depth=depth)
-        backbones.set_train_mode(m, True)
-        models[depth] = (m, torch.optim.AdamW(backbones.trainable_parameters(m), lr=1e-3))
+        m = build_model(name, 10, weights="none", freeze_depth=depth)
+        set_train_mode(m, True)
+        models[depth] = (m, torch.optim.AdamW(trainable_parameters(m), lr=1e-3))
     times: dict[int, list[float]] = {0: [], depth_max: []}
     for rep in range(reps + 2):
         for depth, (m, opt) in models.items():
@@ -286,9 +285,6 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args()
-    from jobs.storage import resolve
-    from jobs.synth import synthesize
-
     work = Path(tempfile.mkdtemp(prefix="tlctl-bench-"))
     data_dir = str(work / "data")
     loc = resolve(data_dir)

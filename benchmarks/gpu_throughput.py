@@ -1,12 +1,13 @@
 """Single-GPU training throughput through tlctl's own training step.
 
-    python benchmarks/gpu_throughput.py            # on a GPU machine: < 5 minutes
-    python benchmarks/gpu_throughput.py --smoke    # anywhere (CPU, tiny): checks the script
+    python -m benchmarks.gpu_throughput            # on a GPU machine: < 5 minutes
+    python -m benchmarks.gpu_throughput --smoke    # anywhere (CPU, tiny): checks the script
 
 For mobilenet_v3_large and resnet50 at 224 px with bf16 autocast and channels_last (what
-`precision: auto` does on a GPU), it runs `jobs.train.train_one_epoch` — the same function
-Ray Train workers run — over synthetic uint8 batches already on the device, and reports
-steady-state images/s (the first steps are warm-up: cuDNN autotuning, allocator growth).
+`precision: auto` does on a GPU), it runs `jobs.training.steps.train_one_epoch` — the same
+function Ray Train workers run — over synthetic uint8 batches already on the device, and
+reports steady-state images/s (the first steps are warm-up: cuDNN autotuning, allocator
+growth). It needs torch and torchvision only (no Ray, no pydantic), as on the GPU image.
 Results go to benchmarks/results/gpu_throughput.json.
 """
 
@@ -21,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from jobs.training.backbones import IMAGENET_MEAN, IMAGENET_STD
+from jobs.training.model import build_model, trainable_parameters
+from jobs.training.steps import make_optimizer, train_one_epoch
 
-from jobs import backbones  # noqa: E402
-from jobs.train import make_optimizer, train_one_epoch  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def synthetic_batches(n: int, batch: int, size: int, classes: int, device: torch.device):
@@ -47,17 +48,14 @@ def measure(
     precision: str,
 ) -> dict:
     torch.manual_seed(0)
-    model = backbones.build_model(name, 100, weights="none", freeze_depth=0)
+    model = build_model(name, 100, weights="none", freeze_depth=0)
     channels_last = device.type == "cuda"
     model = model.to(
         device, memory_format=torch.channels_last if channels_last else torch.contiguous_format
     )
-    opt = make_optimizer(
-        backbones.trainable_parameters(model),
-        {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4},
-    )
-    mean = torch.tensor(backbones.IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(backbones.IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    opt = make_optimizer(trainable_parameters(model), name="adamw", lr=1e-3, weight_decay=1e-4)
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
     kwargs = dict(
         mean=mean,
         std=std,

@@ -1,6 +1,6 @@
 """Search benchmarks, measured side by side in one run (the machine is noisy).
 
-    python benchmarks/search.py [--epochs 8] [--out benchmarks/results]
+    python -m benchmarks.search [--epochs 8] [--out benchmarks/results]
 
 Workload (the quickstart's pair): resnet18 pre-trained by tlctl on the synthetic *source*
 shapes, fine-tuned on the *target* shapes, 32 px, 1 worker per trial, trials side by side.
@@ -30,13 +30,11 @@ from pathlib import Path
 
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from jobs.data.synth import synthesize
+from jobs.storage.layout import RunLayout
+from jobs.storage.location import resolve
 
-from jobs.metrics import read_metrics  # noqa: E402
-from jobs.storage import resolve  # noqa: E402
-from jobs.synth import synthesize  # noqa: E402
-from jobs.trials import read_trials_table  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 SIZE, CLASSES = 32, 6
 FREEZE = [0, 1, 2, 3, 4]
@@ -74,7 +72,7 @@ def spec(work: Path, name: str, *, weights: str, epochs: int, search: dict | Non
 
 def trial_times(run_dir: Path) -> dict[str, float]:
     """Seconds from Tune starting each trial to its end, from the run's metrics.jsonl."""
-    lines = read_metrics(resolve(str(run_dir)).join("metrics.jsonl"))
+    lines = RunLayout.at(str(run_dir)).read_log()
     start: dict[str, float] = {}
     spans: dict[str, float] = {}
     ends = ("trial_completed", "trial_stopped", "trial_error")
@@ -93,13 +91,13 @@ def search_arm(work: Path, name: str, weights: str, epochs: int, search: dict) -
     t0 = time.perf_counter()
     summary = tlctl("submit", str(path), "--local")
     wall = time.perf_counter() - t0
-    run = resolve(str(work / "runs" / name))
-    rows = read_trials_table(run)
+    run = RunLayout.at(str(work / "runs" / name))
+    rows = run.read_trials_table()
     spans = trial_times(work / "runs" / name)
     concurrency = int(search["max_concurrent_trials"])
     ideal = sum(spans.values()) / concurrency
     epoch_times = {}
-    for m in read_metrics(run.join("metrics.jsonl")):
+    for m in run.read_log():
         if m.get("kind") == "epoch" and m.get("epoch", 0) > 0:  # steady epochs
             epoch_times.setdefault(m["freeze_depth"], []).append(m["epoch_time_s"])
     return {

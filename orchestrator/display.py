@@ -3,22 +3,27 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from typing import Any
 
+import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from jobs.driver.progress import epoch_line
+from jobs.driver.progress import num as _num
+from jobs.driver.progress import pct as _pct
+from jobs.spec.model import JobSpec
+from jobs.spec.search import SearchSpec
 
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
 
 
-def _pct(v: Any) -> str:
-    return f"{100 * v:.1f}%" if isinstance(v, (int, float)) else "-"
-
-
-def _num(v: Any, fmt: str = ".4f") -> str:
-    return format(v, fmt) if isinstance(v, (int, float)) else "-"
+def emit_json(data: Any) -> None:
+    """`--json` output: one JSON document on stdout."""
+    typer.echo(json.dumps(data, indent=1, default=str))
 
 
 def _when(ts: Any) -> str:
@@ -93,12 +98,7 @@ class TrainingProgress:
         if self.task is not None:
             self.progress.remove_task(self.task)
             self.task, self.epoch = None, None
-        self.progress.console.print(
-            f"epoch {int(m['epoch']) + 1}/{self.epochs}  "
-            f"train loss {_num(m.get('train_loss'))} acc {_pct(m.get('train_acc'))}  "
-            f"val loss {_num(m.get('val_loss'))} acc {_pct(m.get('val_acc'))}  "
-            f"{_num(m.get('images_per_s'), '.0f')} img/s  {_num(m.get('epoch_time_s'), '.1f')} s"
-        )
+        self.progress.console.print(epoch_line(m, self.epochs))
 
 
 _HYPER = ("freeze_depth", "lr", "weight_decay", "batch_size")
@@ -170,27 +170,58 @@ class SearchProgress:
         return table
 
 
-def start_line(prepared: Any) -> str:
-    """What is about to run, in one line: model, data, workers, search size, where to."""
-    from jobs.search_space import dimensions, trial_count
-    from orchestrator.local import local_trials
+def progress_display(spec: JobSpec, json_out: bool) -> Any:
+    """The live display for a run of `spec` (none with --json)."""
+    if json_out:
+        return QuietProgress()
+    if spec.search:
+        return SearchProgress(spec.train.epochs, spec.search.metric)
+    return TrainingProgress(spec.train.epochs)
 
+
+def start_line(prepared: Any, concurrency: int) -> str:
+    """What is about to run, in one line: model, data, workers, search size, where to."""
     spec, plan = prepared.spec, prepared.plan
     verb = "resuming" if prepared.resuming else "starting"
-    workers = int(spec["scaling"]["num_workers"])
+    workers = spec.scaling.workers
     data = f"{plan.num_classes} classes, {plan.train_rows} train images"
-    search = spec.get("search")
+    search = spec.search
+    uri = prepared.layout.uri
     if not search:
         return (
-            f"{verb} run [bold]{spec['name']}[/]: {spec['backbone']['name']} (freeze_depth "
-            f"{spec['backbone']['freeze_depth']}), {data}, {workers} workers → {prepared.run.uri}"
+            f"{verb} run [bold]{spec.name}[/]: {spec.backbone.name} (freeze_depth "
+            f"{spec.backbone.freeze_depth}), {data}, {workers} workers → {uri}"
         )
     return (
-        f"{verb} search [bold]{spec['name']}[/]: {spec['backbone']['name']}, "
-        f"{trial_count(search)} trials over {', '.join(dimensions(search))} "
-        f"({search['search_alg']}, {search['scheduler']}), {data}, {workers} worker"
-        f"{'s' if workers > 1 else ''} per trial, up to {local_trials(spec)} at once → "
-        f"{prepared.run.uri}"
+        f"{verb} search [bold]{spec.name}[/]: {spec.backbone.name}, "
+        f"{search.trial_count()} trials over {', '.join(search.dimensions())} "
+        f"({search.search_alg}, {search.scheduler}), {data}, {workers} worker"
+        f"{'s' if workers > 1 else ''} per trial, up to {concurrency} at once → {uri}"
+    )
+
+
+def already_complete(prepared: Any, *, json_out: bool) -> None:
+    name = prepared.spec.name
+    if json_out:
+        emit_json({"run": name, "already_complete": True})
+        return
+    console.print(
+        f"run {name} is already complete at {prepared.layout.uri}: nothing submitted "
+        "(choose a new name to train again)"
+    )
+
+
+def submitted(job_id: str, address: str, prepared: Any, *, json_out: bool) -> None:
+    name = prepared.spec.name
+    if json_out:
+        emit_json({"job_id": job_id, "address": address, "run": name})
+        return
+    verb = "resumes" if prepared.resuming else "starts"
+    console.print(
+        f"submitted job [bold]{job_id}[/] to {address}: run {name} {verb} → "
+        f"{prepared.layout.uri}\n  follow: tlctl jobs logs {job_id} --follow   "
+        f"status: tlctl jobs status {job_id}   stop: tlctl jobs stop {job_id}",
+        soft_wrap=True,
     )
 
 
@@ -309,11 +340,9 @@ def print_run(r: dict[str, Any]) -> None:
 
 def print_trials(r: dict[str, Any]) -> None:
     """A search's trials, best first (from trials.parquet, or the metrics while running)."""
-    from jobs.search_space import dimensions
-
-    search = r["search"]
-    metric = search.get("metric", "val_acc")
-    keys = list(dimensions(search))
+    search = SearchSpec.model_validate(r["search"])
+    metric = search.metric
+    keys = list(search.dimensions())
     table = Table(title=f"trials (ranked by {metric})", title_justify="left")
     for col in ("#", "trial", *keys, "status", "epochs", f"best {metric}", "checkpoint"):
         table.add_column(

@@ -10,20 +10,18 @@ import base64
 import csv
 import datetime as dt
 import html
-import json
 import os
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from jobs.errors import TlctlError
-from jobs.metrics import epoch_lines, read_metrics
-from jobs.search_space import DIMENSIONS
-from jobs.storage import Location, exists, read_text, resolve
-from jobs.trials import TRIALS_TABLE, read_trials_table
+from jobs.spec.model import JobSpec
+from jobs.spec.search import DIMENSIONS
+from jobs.storage.layout import TRIALS_TABLE, RunLayout, epoch_lines
+from jobs.storage.location import exists
+from orchestrator.runs import locate_run
 
 STATUS_COLOURS = {"completed": "#2e7d32", "stopped": "#ef6c00", "error": "#c62828"}
 OTHER_COLOUR = "#757575"
@@ -33,26 +31,11 @@ _DPI = 110
 # --- reading the run -----------------------------------------------------------------------
 
 
-def _locate_run(storage: str, endpoint: str | None, name: str) -> Location:
-    """The run's prefix; a missing run names the ones that exist (as `tlctl runs show`)."""
-    from orchestrator.runs import list_runs
-
-    root = resolve(storage, endpoint)
-    run = root.join(name)
-    if exists(run.join("spec.yaml")):
-        return run
-    names = [r["name"] for r in list_runs(storage, endpoint)]
-    raise TlctlError(
-        f"run '{name}' not found under {root.uri}"
-        + (f" (runs there: {', '.join(names)})" if names else " (no runs there)")
-    )
-
-
-def _require_search(run: Location, name: str, spec: dict[str, Any]) -> None:
+def _require_search(run: RunLayout, name: str, spec: JobSpec) -> None:
     """A report needs trials.parquet: a plain run (or an unfinished search) has none."""
-    if exists(run.join(TRIALS_TABLE)):
+    if exists(run.trials_table):
         return
-    if spec.get("search"):
+    if spec.search:
         raise TlctlError(
             f"run '{name}' has no {TRIALS_TABLE} yet: the search has not finished "
             f"(resubmit its spec to resume it; `tlctl runs show {name}` shows its progress)"
@@ -61,11 +44,6 @@ def _require_search(run: Location, name: str, spec: dict[str, Any]) -> None:
         f"run '{name}' is not a search (no {TRIALS_TABLE}); "
         f"`tlctl runs show {name}` shows a plain run"
     )
-
-
-def _read_model(run: Location) -> dict[str, Any] | None:
-    loc = run.join("model", "model.json")
-    return json.loads(read_text(loc)) if exists(loc) else None
 
 
 def _curves_by_trial(lines: list[dict[str, Any]], metric: str) -> dict[str, list[tuple]]:
@@ -138,7 +116,7 @@ def _prepare_out_dir(out_dir: Path) -> Path:
         reason = exc.strerror or str(exc)
         if isinstance(exc, (FileExistsError, NotADirectoryError)):
             reason = "a file is in the way; it must be a directory"
-        raise TlctlError(f"--out: cannot write to {out_dir} ({reason})") from None
+        raise TlctlError(f"--out: cannot write to {out_dir} ({reason})") from exc
     return out_dir
 
 
@@ -518,34 +496,34 @@ def write_html(ctx: dict[str, Any], images: dict[str, Path], path: Path) -> Path
 # --- entry point ---------------------------------------------------------------------------
 
 
-def _context(run: Location, name: str, spec: dict[str, Any]) -> dict[str, Any]:
+def _context(run: RunLayout, spec: JobSpec) -> dict[str, Any]:
     """Everything the plots and the page need, read once from storage."""
-    search = spec.get("search") or {}
-    metric = str(search.get("metric") or "val_acc")
-    rows = read_trials_table(run)
-    model = _read_model(run)
+    search = spec.search
+    metric = search.metric if search else "val_acc"
+    rows = run.read_trials_table()
+    model = run.read_model_info()
     return {
-        "name": spec.get("name", name),
+        "name": spec.name,
         "uri": run.uri,
-        "backbone": (spec.get("backbone") or {}).get("name"),
+        "backbone": spec.backbone.name,
         "metric": metric,
-        "mode": str(search.get("mode") or "max"),
-        "max_epochs": int((spec.get("train") or {}).get("epochs") or 0),
+        "mode": (search.mode if search else None) or "max",
+        "max_epochs": spec.train.epochs,
         "rows": rows,
         "dims": _dims(rows),
-        "curves": _curves_by_trial(read_metrics(run.join("metrics.jsonl")), metric),
+        "curves": _curves_by_trial(run.read_log(), metric),
         "best_trial": _best_trial(rows, model),
-        "model_uri": run.join("model").uri if model else None,
+        "model_uri": run.model.uri if model else None,
     }
 
 
 def build_report(storage: str, endpoint: str | None, name: str, out_dir: Path) -> dict[str, Any]:
     """Write curves.png, freeze_lr.png, epochs.png, trials.csv and index.html to `out_dir`."""
-    run = _locate_run(storage, endpoint, name)
-    spec = yaml.safe_load(read_text(run.join("spec.yaml"))) or {}
+    run = locate_run(storage, endpoint, name)
+    spec = run.read_spec()
     _require_search(run, name, spec)
     out = _prepare_out_dir(Path(out_dir))
-    ctx = _context(run, name, spec)
+    ctx = _context(run, spec)
     images = {
         "curves.png": plot_curves(ctx, out / "curves.png"),
         "freeze_lr.png": plot_freeze_lr(ctx, out / "freeze_lr.png"),

@@ -2,88 +2,72 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-import yaml
-
 from jobs.errors import TlctlError
-from jobs.metrics import epoch_lines, read_metrics
-from jobs.storage import Location, describe_error, exists, list_dir, read_text, resolve
-from jobs.trials import TRIALS_TABLE, read_trials_table
+from jobs.spec.model import JobSpec
+from jobs.storage.layout import RunLayout, epoch_lines, parse_checkpoint_name
+from jobs.storage.location import Location, describe_error, exists, list_dir, resolve
 
 
-def _status(run: Location, spec: dict[str, Any], epochs_done: int) -> str:
-    if spec.get("search"):
-        done = exists(run.join("model", "model.json")) and exists(run.join(TRIALS_TABLE))
-        return "complete" if done else "running/interrupted"
-    if exists(run.join("model", "model.json")):
+def _status(layout: RunLayout, spec: JobSpec, epochs_done: int) -> str:
+    model = exists(layout.model_info)
+    if spec.search:
+        return "complete" if model and exists(layout.trials_table) else "running/interrupted"
+    if model:
         return "complete"
-    target = int((spec.get("train") or {}).get("epochs", 0))
-    return "running/interrupted" if epochs_done < target else "exporting"
+    return "running/interrupted" if epochs_done < spec.train.epochs else "exporting"
 
 
-def run_record(run: Location, *, detail: bool = False) -> dict[str, Any] | None:
+def run_record(layout: RunLayout, *, detail: bool = False) -> dict[str, Any] | None:
     """Summary of one run prefix, or None when the prefix holds no tlctl run."""
-    spec_loc = run.join("spec.yaml")
-    if not exists(spec_loc):
+    if not layout.has_spec():
         return None
-    spec = yaml.safe_load(read_text(spec_loc)) or {}
-    lines = read_metrics(run.join("metrics.jsonl"))
+    spec = layout.read_spec()
+    lines = layout.read_log()
     epochs = epoch_lines(lines)
-    model = None
-    if exists(run.join("model", "model.json")):
-        model = json.loads(read_text(run.join("model", "model.json")))
+    model = layout.read_model_info()
     best = (model or {}).get("metrics") or (
         max(epochs, key=lambda m: m.get("val_acc", 0.0)) if epochs else {}
     )
-    search = spec.get("search")
     record: dict[str, Any] = {
-        "name": spec.get("name", run.uri.rsplit("/", 1)[-1]),
-        "kind": "search" if search else "train",
-        "status": _status(run, spec, len(epochs)),
-        "backbone": (spec.get("backbone") or {}).get("name"),
-        "freeze_depth": (spec.get("backbone") or {}).get("freeze_depth"),
+        "name": spec.name,
+        "kind": "search" if spec.search else "train",
+        "status": _status(layout, spec, len(epochs)),
+        "backbone": spec.backbone.name,
+        "freeze_depth": spec.backbone.freeze_depth,
         "epochs_done": len(epochs),
-        "epochs": (spec.get("train") or {}).get("epochs"),
+        "epochs": spec.train.epochs,
         "best_val_acc": best.get("val_acc"),
         "best_epoch": best.get("epoch"),
         "started_at": lines[0]["time"] if lines else None,
         "updated_at": lines[-1]["time"] if lines else None,
-        "model_uri": run.join("model").uri if model else None,
-        "uri": run.uri,
+        "model_uri": layout.model.uri if model else None,
+        "uri": layout.uri,
     }
-    if search:
+    if spec.search:
         trial_ids = {m.get("trial_id") for m in lines if m.get("trial_id")}
         record["trials"] = len(trial_ids)
         record["best_trial"] = (model or {}).get("trial_id")
         record["hyperparameters"] = (model or {}).get("hyperparameters")
         record["freeze_depth"] = (model or {}).get("freeze_depth", "searched")
     if detail:
-        if search:
-            record["trial_table"] = read_trials_table(run)
-            record["search"] = search
+        if spec.search:
+            record["trial_table"] = layout.read_trials_table()
+            record["search"] = spec.search.model_dump()
         record["metrics"] = epochs
         record["events"] = [m for m in lines if m.get("kind") == "event"]
         placements = [e for e in record["events"] if e.get("event") == "workers"]
         record["workers"] = placements[-1]["workers"] if placements else []
         record["model"] = model
-        record["classes"] = (model or {}).get("classes") or _classes(run)
-        record["checkpoints"] = [run.join("checkpoints", c).uri for c in _checkpoints(run)]
-        record["spec"] = spec
+        record["classes"] = (model or {}).get("classes") or layout.read_classes()
+        record["checkpoints"] = [
+            layout.checkpoint(name).uri
+            for name in list_dir(layout.checkpoints)
+            if parse_checkpoint_name(name) is not None
+        ]
+        record["spec"] = spec.model_dump(mode="json")
     return record
-
-
-def _classes(run: Location) -> list[str] | None:
-    loc = run.join("classes.json")
-    return json.loads(read_text(loc)) if exists(loc) else None
-
-
-def _checkpoints(run: Location) -> list[str]:
-    loc = run.join("checkpoints")
-    if not exists(loc):
-        return []
-    return [c for c in list_dir(loc) if c.startswith("epoch-")]
 
 
 def list_runs(storage: str, endpoint: str | None) -> list[dict[str, Any]]:
@@ -91,18 +75,26 @@ def list_runs(storage: str, endpoint: str | None) -> list[dict[str, Any]]:
     try:
         names = list_dir(root) if exists(root) else []
     except OSError as exc:
-        raise describe_error(exc, root) from None
-    records = [run_record(root.join(n)) for n in names]
+        raise describe_error(exc, root) from exc
+    records = [run_record(RunLayout(root.join(n))) for n in names]
     return [r for r in records if r is not None]
 
 
+def locate_run(storage: str, endpoint: str | None, name: str) -> RunLayout:
+    """The run's layout; a missing run names the ones that exist."""
+    root: Location = resolve(storage, endpoint)
+    layout = RunLayout(root.join(name))
+    if layout.has_spec():
+        return layout
+    names = [r["name"] for r in list_runs(storage, endpoint)]
+    raise TlctlError(
+        f"run '{name}' not found under {root.uri}"
+        + (f" (runs there: {', '.join(names)})" if names else " (no runs there)")
+    )
+
+
 def show_run(storage: str, endpoint: str | None, name: str) -> dict[str, Any]:
-    root = resolve(storage, endpoint)
-    record = run_record(root.join(name), detail=True)
-    if record is None:
-        names = [r["name"] for r in list_runs(storage, endpoint)]
-        raise TlctlError(
-            f"run '{name}' not found under {root.uri}"
-            + (f" (runs there: {', '.join(names)})" if names else " (no runs there)")
-        )
+    record = run_record(locate_run(storage, endpoint, name), detail=True)
+    if record is None:  # deleted since it was located
+        raise TlctlError(f"run '{name}' is gone from {storage}")
     return record

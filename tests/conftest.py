@@ -77,10 +77,10 @@ def ray_start_4_cpus(s3_env_module: S3Server) -> Iterator[None]:
     """
     import ray
 
-    from jobs.driver import quiet_ray_logs
+    from jobs.driver.drive import quiet_ray
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    quiet_ray_logs()
+    quiet_ray(verbose=False)
     try:
         yield
     finally:

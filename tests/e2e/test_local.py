@@ -1,0 +1,407 @@
+"""End to end: `tlctl submit --local` on real local Ray (2 workers) against real SeaweedFS S3.
+
+One module-scoped Ray and S3 bucket; the runs build on each other (pre-train on the
+synthetic source, fine-tune on the target), as a user's would.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from cluster.local.s3server import S3Server
+from jobs.data.synth import synthesize
+from jobs.storage.location import exists, list_dir, read_bytes, read_text, resolve, write_bytes
+from jobs.storage.manifest import verify
+from orchestrator.cli import app
+
+pytestmark = pytest.mark.slow
+runner = CliRunner()
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def env(s3_env_module: S3Server, s3_bucket: str, ray_start_4_cpus, tmp_path_factory) -> dict:
+    """Synthetic source/target datasets: source in S3, target on local disk."""
+    endpoint = s3_env_module.endpoint
+    src = resolve(f"s3://{s3_bucket}/data/source", endpoint)
+    synthesize(src.fs, src.path, variant="source", classes=6, per_class=200, size=SIZE, seed=1)
+    local = tmp_path_factory.mktemp("target")
+    fs = resolve(str(local)).fs
+    synthesize(
+        fs, str(local / "train"), variant="target", classes=6, per_class=60, size=SIZE, seed=2
+    )
+    synthesize(fs, str(local / "val"), variant="target", classes=6, per_class=40, size=SIZE, seed=3)
+    return {
+        "bucket": s3_bucket,
+        "endpoint": endpoint,
+        "tmp": local,
+        "server": s3_env_module,
+        "storage": f"s3://{s3_bucket}/runs",
+    }
+
+
+def write_spec(env: dict, name: str, **over) -> Path:
+    spec = {
+        "name": name,
+        "backbone": {"name": "resnet18", "weights": "none", "freeze_depth": 0},
+        "data": {
+            "train": str(env["tmp"] / "train"),
+            "val": str(env["tmp"] / "val"),
+            "image_size": SIZE,
+        },
+        "train": {"epochs": 2, "batch_size": 16, "lr": 0.001},
+        "scaling": {"num_workers": 2, "cpus_per_worker": 1},
+        "storage": {"uri": env["storage"], "endpoint": env["endpoint"]},
+    }
+    for key, value in over.items():
+        section, _, field = key.partition("__")
+        if field:
+            spec[section][field] = value
+        else:
+            spec[section] = value
+    path = env["tmp"] / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def submit(spec: Path, *args: str):
+    return runner.invoke(app, ["submit", str(spec), "--local", *args])
+
+
+def run_loc(env: dict, name: str):
+    return resolve(env["storage"], env["endpoint"]).join(name)
+
+
+def metrics(env: dict, name: str) -> list[dict]:
+    text = read_text(run_loc(env, name).join("metrics.jsonl"))
+    return [json.loads(line) for line in text.splitlines()]
+
+
+@pytest.fixture(scope="module")
+def source_run(env: dict) -> str:
+    """Pre-train on the source shapes (data in S3): the backbone later runs start from."""
+    spec = write_spec(
+        env,
+        "source",
+        data={
+            "train": f"s3://{env['bucket']}/data/source",
+            "image_size": SIZE,
+            "val_fraction": 0.1,
+        },
+        train={"epochs": 12, "batch_size": 16, "lr": 0.001},
+    )
+    result = submit(spec)
+    assert result.exit_code == 0, result.output
+    return "source"
+
+
+def test_run_writes_the_storage_layout(env: dict, source_run: str) -> None:
+    run = run_loc(env, source_run)
+    for part in (
+        "spec.yaml",
+        "classes.json",
+        "metrics.jsonl",
+        "model/model.pt",
+        "model/model.json",
+    ):
+        assert exists(run.join(*part.split("/"))), part
+    checkpoints = [c for c in list_dir(run.join("checkpoints")) if c.startswith("epoch-")]
+    assert len(checkpoints) <= 2 + 1  # keep: 2 best, plus the latest
+    assert "epoch-0011" in checkpoints  # the latest is always kept for resuming
+    lines = [m for m in metrics(env, source_run) if m["kind"] == "epoch"]
+    assert [m["epoch"] for m in lines] == list(range(12))
+    for m in lines:
+        assert 0 <= m["val_acc"] <= 1 and m["train_images"] > 0 and m["images_per_s"] > 0
+    info = json.loads(read_text(run.join("model", "model.json")))
+    assert info["backbone"] == "resnet18" and info["num_classes"] == 6
+    assert info["classes"] == json.loads(read_text(run.join("classes.json")))
+    assert info["metrics"]["val_acc"] == max(m["val_acc"] for m in lines)
+    stored = read_text(run.join("spec.yaml"))
+    assert env["server"].secret_key not in stored and "AWS_" not in stored
+
+
+def test_model_loads_into_plain_torchvision_and_reproduces_val_acc(env: dict) -> None:
+    spec = write_spec(env, "plain-load")
+    result = submit(spec)
+    assert result.exit_code == 0, result.output
+    run = run_loc(env, "plain-load")
+    info = json.loads(read_text(run.join("model", "model.json")))
+    model = torchvision.models.get_model("resnet18", num_classes=info["num_classes"])
+    state = torch.load(io.BytesIO(read_bytes(run.join("model", "model.pt"))), weights_only=True)
+    model.load_state_dict(state)  # strict: the default head is torchvision's own
+    model.eval()
+    mean = torch.tensor(info["mean"]).view(3, 1, 1)
+    std = torch.tensor(info["std"]).view(3, 1, 1)
+    correct = total = 0
+    for label, cls in enumerate(info["classes"]):
+        for f in sorted((env["tmp"] / "val" / cls).glob("*.png")):
+            img = Image.open(f).convert("RGB").resize((SIZE, SIZE), Image.BILINEAR)
+            x = (torchvision.transforms.functional.to_tensor(img) - mean) / std
+            with torch.no_grad():
+                correct += int(model(x[None]).argmax(1).item() == label)
+            total += 1
+    assert total == info["metrics"]["val_images"]
+    assert abs(correct / total - info["metrics"]["val_acc"]) <= 1 / total + 1e-9
+
+
+def test_same_name_resumes_from_last_epoch(env: dict) -> None:
+    spec = write_spec(env, "resume-me")
+    assert submit(spec).exit_code == 0
+    result = submit(spec, "--set", "train.epochs=3")
+    assert result.exit_code == 0, result.output
+    assert "resuming run resume-me" in result.output
+    lines = metrics(env, "resume-me")
+    assert [m["epoch"] for m in lines if m["kind"] == "epoch"] == [0, 1, 2]  # no duplicates
+    events = [m for m in lines if m["kind"] == "event" and m["event"] != "workers"]
+    assert events == [{**events[0], "event": "resumed", "epoch": 2, "from_checkpoint_epoch": 1}]
+    placements = [m for m in lines if m.get("event") == "workers"]
+    assert [p["epoch"] for p in placements] == [0, 2]  # recorded at each start
+    assert [w["rank"] for w in placements[-1]["workers"]] == [0, 1]
+    again = submit(spec, "--set", "train.epochs=3")
+    assert again.exit_code == 0 and "already complete" in again.output
+
+
+def test_a_truncated_checkpoint_is_skipped_on_resume(env: dict) -> None:
+    # keep 5: nothing is evicted (Ray keeps the best `keep` by val_acc, the broken one
+    # included, so with keep 3 the re-run epoch 1 could go if it scored lowest).
+    spec = write_spec(env, "truncated", checkpoint={"keep": 5})
+    assert submit(spec).exit_code == 0
+    run = run_loc(env, "truncated")
+    assert verify(run.join("checkpoints", "epoch-0001")) is None
+    assert verify(run.join("model")) is None
+    newest = run.join("checkpoints", "epoch-0001", "model.pt")
+    data = read_bytes(newest)
+    write_bytes(newest, data[: len(data) // 2])  # as an upload cut short would leave it
+
+    result = submit(spec, "--set", "train.epochs=3")
+    assert result.exit_code == 0, result.output
+    lines = metrics(env, "truncated")
+    skipped = [m for m in lines if m.get("event") == "checkpoint_skipped"]
+    assert len(skipped) == 1 and skipped[0]["checkpoint"].endswith("epoch-0001")
+    assert f"model.pt has {len(data) // 2} bytes" in skipped[0]["reason"]
+    resumed = [m for m in lines if m.get("event") == "resumed"]
+    assert resumed == [{**resumed[0], "epoch": 1, "from_checkpoint_epoch": 0}]
+    assert [m["epoch"] for m in lines if m["kind"] == "epoch"] == [0, 1, 2]
+    # Epoch 1 ran again and was checkpointed under a new name: Ray Train evicts checkpoints
+    # by path, so re-using the broken one's name could delete the good one with it.
+    assert verify(run.join("checkpoints", "epoch-0001-r2")) is None
+    assert verify(run.join("checkpoints", "epoch-0002")) is None
+    assert verify(run.join("model")) is None
+
+
+def test_resume_with_another_model_is_refused(env: dict) -> None:
+    spec = write_spec(
+        env,
+        "resume-me",
+        backbone={"name": "mobilenet_v3_small", "weights": "none", "freeze_depth": 0},
+    )
+    result = submit(spec)
+    assert result.exit_code == 2
+    assert "backbone.name: run 'resume-me' already exists" in result.output
+
+
+def test_fine_tuning_a_source_model_beats_scratch(env: dict, source_run: str) -> None:
+    budget = {"epochs": 6, "batch_size": 16, "lr": 0.001}
+    pretrained = write_spec(
+        env,
+        "target-ft",
+        train=budget,
+        backbone={
+            "name": "resnet18",
+            "weights": run_loc(env, source_run).join("model").uri,
+            "freeze_depth": 2,
+        },
+    )
+    scratch = write_spec(env, "target-scratch", train=budget)
+    for spec in (pretrained, scratch):
+        result = submit(spec)
+        assert result.exit_code == 0, result.output
+
+    def best(name: str) -> float:
+        return json.loads(read_text(run_loc(env, name).join("model", "model.json")))["metrics"][
+            "val_acc"
+        ]
+
+    ft, sc = best("target-ft"), best("target-scratch")
+    print(f"target val acc: fine-tuned {ft:.3f} vs scratch {sc:.3f}")
+    assert ft >= sc + 0.05, (ft, sc)
+
+
+def test_runs_list_and_show_read_storage(env: dict, source_run: str) -> None:
+    listed = runner.invoke(
+        app, ["runs", "list", "--storage", env["storage"], "--endpoint", env["endpoint"], "--json"]
+    )
+    assert listed.exit_code == 0, listed.output
+    names = {r["name"]: r for r in json.loads(listed.output)}
+    assert names["source"]["status"] == "complete" and names["source"]["epochs_done"] == 12
+    shown = runner.invoke(
+        app,
+        [
+            "runs",
+            "show",
+            "source",
+            "--storage",
+            env["storage"],
+            "--endpoint",
+            env["endpoint"],
+            "--json",
+        ],
+    )
+    record = json.loads(shown.output)
+    assert record["model_uri"] == f"{env['storage']}/source/model"
+    assert len(record["metrics"]) == 12 and record["classes"][0] == "circle"
+    missing = runner.invoke(
+        app, ["runs", "show", "nope", "--storage", env["storage"], "--endpoint", env["endpoint"]]
+    )
+    assert missing.exit_code == 2 and "run 'nope' not found" in missing.output
+
+
+def test_missing_bucket_fails_before_training(env: dict) -> None:
+    spec = write_spec(
+        env,
+        "no-bucket",
+        storage={"uri": "s3://no-such-bucket-xyz/runs", "endpoint": env["endpoint"]},
+    )
+    result = submit(spec)
+    assert result.exit_code == 2
+    assert "bucket 'no-such-bucket-xyz' does not exist" in result.output
+    assert "Traceback" not in result.output
+    assert "starting run" not in result.output  # refused in pre-flight, before training
+
+
+def test_wrong_secret_is_a_clear_error_and_not_printed(env: dict, monkeypatch) -> None:
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret-value")
+    result = submit(write_spec(env, "bad-creds"))
+    assert result.exit_code == 2
+    assert "access denied" in result.output and "wrong-secret-value" not in result.output
+
+
+def test_corrupt_image_is_named_and_nothing_is_written(env: dict, tmp_path: Path) -> None:
+    import shutil
+
+    data = tmp_path / "train"
+    shutil.copytree(env["tmp"] / "train", data)
+    bad = data / "diamond" / "00003.png"
+    bad.write_bytes(b"\x89PNG truncated")
+    spec = write_spec(env, "corrupt", data={"train": str(data), "image_size": SIZE})
+    result = submit(spec)
+    assert result.exit_code == 2, result.output
+    assert f"corrupt image {bad}" in result.output
+    assert not exists(run_loc(env, "corrupt"))  # not even an empty prefix
+
+
+def test_parquet_dataset_in_s3_trains(env: dict) -> None:
+    """An image-bytes + label Parquet table in S3, split by val_fraction inside Ray Data."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = {"image": [], "label": []}
+    for cls_dir in sorted((env["tmp"] / "train").iterdir()):
+        if cls_dir.is_dir():
+            for f in sorted(cls_dir.glob("*.png"))[:20]:
+                rows["image"].append(f.read_bytes())
+                rows["label"].append(cls_dir.name)
+    loc = resolve(f"s3://{env['bucket']}/data/target.parquet", env["endpoint"])
+    with loc.fs.open_output_stream(loc.path) as out:
+        pq.write_table(pa.table(rows), out)
+    spec = write_spec(
+        env,
+        "parquet",
+        data={"train": loc.uri, "val_fraction": 0.25, "image_size": SIZE},
+        train={"epochs": 1, "batch_size": 16, "lr": 0.001},
+    )
+    result = submit(spec)
+    assert result.exit_code == 0, result.output
+    info = json.loads(read_text(run_loc(env, "parquet").join("model", "model.json")))
+    assert info["classes"] == sorted(set(rows["label"]))
+    assert info["metrics"]["val_images"] == 30  # a quarter of 120 rows
+    assert info["metrics"]["train_images"] <= 90
+
+
+def test_failure_during_training_exits_1_with_the_reason(env: dict, tmp_path: Path) -> None:
+    """Streaming (uncached) data decodes during training: a corrupt file fails the job."""
+    import shutil
+
+    data = tmp_path / "train"
+    shutil.copytree(env["tmp"] / "train", data)
+    bad = data / "heart" / "00007.png"
+    bad.write_bytes(b"garbage")
+    spec = write_spec(
+        env,
+        "fails-late",
+        data={
+            "train": str(data),
+            "val": str(env["tmp"] / "val"),
+            "image_size": SIZE,
+            "cache": "false",
+        },
+    )
+    result = submit(spec)
+    assert result.exit_code == 1, result.output
+    assert "training failed" in result.output and f"corrupt image {bad}" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_ctrl_c_then_resubmit_resumes(env: dict) -> None:
+    """A real interrupt: SIGINT to `tlctl submit --local` once a checkpoint has landed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    spec = write_spec(env, "interrupted", train={"epochs": 6, "batch_size": 16, "lr": 0.001})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "submit", str(spec), "--local"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ),
+    )
+    run = run_loc(env, "interrupted")
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        # Interrupted in epoch 1 or later, once epoch 0's checkpoint is complete (uploads
+        # run in the background: the next epoch starts before its manifest lands).
+        if exists(run.join("checkpoints", "epoch-0000", "manifest.json")) and any(
+            m.get("epoch") == 1 for m in metrics(env, "interrupted")
+        ):
+            break
+        time.sleep(0.3)
+    assert proc.poll() is None, proc.communicate()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out, err)
+    assert "interrupted: submit the same spec again (or `tlctl resume interrupted`)" in err
+    done = [m["epoch"] for m in metrics(env, "interrupted") if m["kind"] == "epoch"]
+    assert 2 <= len(done) < 6
+
+    # From the stored spec alone (the spec file is gone, as after a lost driver).
+    spec.unlink()
+    result = runner.invoke(
+        app,
+        [
+            "resume",
+            "interrupted",
+            "--storage",
+            env["storage"],
+            "--endpoint",
+            env["endpoint"],
+            "--local",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "resuming run interrupted" in result.output
+    lines = metrics(env, "interrupted")
+    assert [m["epoch"] for m in lines if m["kind"] == "epoch"] == list(range(6))
+    resumed = [m for m in lines if m.get("event") == "resumed"]
+    assert len(resumed) == 1 and resumed[0]["epoch"] >= 1

@@ -9,7 +9,12 @@ Shell use::
 
     python -m cluster.local.s3server up --dir .tlctl/s3 --bucket tlctl
     eval "$(python -m cluster.local.s3server env --dir .tlctl/s3)"
+    python -m cluster.local.s3server status --dir .tlctl/s3
     python -m cluster.local.s3server down --dir .tlctl/s3
+
+A directory remembers its server: `up` after `down` starts it again on the same port with
+the same keys and data, so exported `AWS_*` variables and specs that name the endpoint keep
+working. A new directory gets port 9000 when it is free.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ IDENTITIES_FILE = "identities.json"
 STATE_FILE = "s3server.json"
 LOG_FILE = "weed.log"
 STORE_DIR = "store"
+DEFAULT_PORT = 9000  # what the examples and the quickstart name
 STOP_GRACE_S = 20.0  # a clean SIGTERM exit takes ~17 s (the filer's gRPC stop waits 15 s)
 
 # One new volume per bucket instead of seaweed's default 7: with 7, a handful of buckets
@@ -239,6 +245,12 @@ def free_port_pair(
         if exclude.isdisjoint(pair) and all(_port_free(p, host) for p in pair):
             return port
     raise TlctlError(f"no free port pair (P, P+{GRPC_OFFSET}) found on {host}")
+
+
+def _default_s3_port() -> int | None:
+    """DEFAULT_PORT when it (and its gRPC twin) are free; else None (any free pair)."""
+    pair = (DEFAULT_PORT, DEFAULT_PORT + GRPC_OFFSET)
+    return DEFAULT_PORT if all(_port_free(p) for p in pair) else None
 
 
 def _pick_ports(s3_port: int | None) -> dict[str, int]:
@@ -459,11 +471,20 @@ def _read_secret(path: Path, access_key: str) -> str:
 def _cmd_up(args: argparse.Namespace) -> int:
     data_dir = Path(args.dir).resolve()
     server = _recorded(data_dir)
+    started = time.monotonic()
     if server is not None and server.is_running():
         print(f"already running at {server.endpoint} (pid {server.pid})", file=sys.stderr)
+    elif server is not None:
+        server = _start_again(server, args.port, args.timeout)
+        write_state(state_path(data_dir), server)
+        print(
+            f"SeaweedFS S3 at {server.endpoint} (pid {server.pid}) started again on its data "
+            f"and keys in {time.monotonic() - started:.1f} s; log {server.log_path}",
+            file=sys.stderr,
+        )
     else:
-        started = time.monotonic()
-        server = start_s3_server(data_dir, port=args.port, timeout=args.timeout)
+        port = args.port if args.port is not None else _default_s3_port()
+        server = start_s3_server(data_dir, port=port, timeout=args.timeout)
         write_state(state_path(data_dir), server)
         print(
             f"SeaweedFS S3 at {server.endpoint} (pid {server.pid}) ready in "
@@ -476,16 +497,54 @@ def _cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def _start_again(server: S3Server, port: int | None, timeout: float) -> S3Server:
+    """A recorded, stopped server on its own ports and keys (`port` moves its S3 port)."""
+    ports = dict(server.ports)
+    if port is not None and port != ports.get("s3"):
+        _check_port(port)
+        ports["s3"] = port
+    busy = [p for p in ports.values() if not (_port_free(p) and _port_free(p + GRPC_OFFSET))]
+    if busy:
+        raise TlctlError(
+            f"port {busy[0]} (or {busy[0] + GRPC_OFFSET}), recorded for the server in "
+            f"{server.data_dir}, is in use now; stop what holds it, or start with --port"
+        )
+    return start_s3_server(
+        server.data_dir,
+        access_key=server.access_key,
+        secret_key=server.secret_key,
+        ports=ports,
+        timeout=timeout,
+    )
+
+
 def _cmd_down(args: argparse.Namespace) -> int:
+    """Stop the server; its state stays, so `up` brings it back the same."""
+    data_dir = Path(args.dir).resolve()
+    server = _recorded(data_dir)
+    if server is None or not server.is_running():
+        print(f"no SeaweedFS server running from {data_dir}", file=sys.stderr)
+        return 0
+    server.stop()
+    print(
+        f"stopped SeaweedFS (pid {server.pid}); `up --dir {args.dir}` starts it again",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    """One line: running or stopped, where; exit 0 only when it runs."""
     data_dir = Path(args.dir).resolve()
     server = _recorded(data_dir)
     if server is None:
-        print(f"no SeaweedFS server recorded in {data_dir}", file=sys.stderr)
+        print(f"no SeaweedFS server recorded in {data_dir}")
+        return 1
+    if server.is_running():
+        print(f"running: {server.endpoint} (pid {server.pid}), data {server.data_dir}")
         return 0
-    server.stop()
-    state_path(data_dir).unlink(missing_ok=True)
-    print(f"stopped SeaweedFS (pid {server.pid})", file=sys.stderr)
-    return 0
+    print(f"stopped: {server.endpoint} when running, data {server.data_dir}")
+    return 1
 
 
 def _cmd_env(args: argparse.Namespace) -> int:
@@ -507,12 +566,19 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="start a server (prints its endpoint)")
     up.add_argument("--dir", required=True, help="data directory (created if missing)")
-    up.add_argument("--port", type=int, default=None, help="S3 port (< 55000); default: free")
+    up.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help=f"S3 port (< 55000); default: the one recorded in --dir, else {DEFAULT_PORT} "
+        "when free, else any free one",
+    )
     up.add_argument("--bucket", action="append", default=[], help="bucket to create (repeat)")
     up.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for S3")
     up.set_defaults(func=_cmd_up)
     for name, func, text in (
-        ("down", _cmd_down, "stop the server recorded in --dir"),
+        ("down", _cmd_down, "stop the server recorded in --dir (up starts it again)"),
+        ("status", _cmd_status, "is the server recorded in --dir running? (exit 0 if so)"),
         ("env", _cmd_env, "print export lines for eval"),
     ):
         cmd = sub.add_parser(name, help=text)

@@ -338,13 +338,30 @@ def print_run(r: dict[str, Any]) -> None:
         )
 
 
+def _epoch(index: Any) -> str:
+    """A 0-based epoch index as people count it."""
+    return "-" if index is None else str(int(index) + 1)
+
+
+def trial_checkpoint(t: dict[str, Any], metric: str, fmt: Any) -> str:
+    """A trial's checkpoint, saying so when it is not its best epoch's (lost to the stop)."""
+    uri = t.get("checkpoint_uri")
+    if not uri:
+        return t.get("error") or "-"
+    epoch = t.get("checkpoint_epoch")
+    if epoch is None or epoch == t.get("best_epoch"):
+        return uri
+    return f"{uri} (epoch {_epoch(epoch)}, {metric} {fmt(t.get(f'checkpoint_{metric}'))})"
+
+
 def print_trials(r: dict[str, Any]) -> None:
     """A search's trials, best first (from trials.parquet, or the metrics while running)."""
     search = SearchSpec.model_validate(r["search"])
     metric = search.metric
     keys = list(search.dimensions())
     table = Table(title=f"trials (ranked by {metric})", title_justify="left")
-    for col in ("#", "trial", *keys, "status", "epochs", f"best {metric}", "checkpoint"):
+    cols = ("#", "trial", *keys, "status", "epochs", f"best {metric}", "epoch", "checkpoint")
+    for col in cols:
         table.add_column(
             col, justify="left" if col in ("trial", "status", "checkpoint") else "right"
         )
@@ -359,7 +376,8 @@ def print_trials(r: dict[str, Any]) -> None:
             f"[{_STATUS_STYLE.get(status, 'white')}]{status}[/]",
             f"{t.get('epochs_run')}/{r.get('epochs')}",
             fmt(t.get(f"best_{metric}")),
-            t.get("checkpoint_uri") or (t.get("error") or "-"),
+            _epoch(t.get("best_epoch")),
+            trial_checkpoint(t, metric, fmt),
         )
     if not rows:
         console.print("no trials table yet (the search has not finished); metrics so far:")

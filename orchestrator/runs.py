@@ -26,6 +26,7 @@ def run_record(layout: RunLayout, *, detail: bool = False) -> dict[str, Any] | N
     spec = layout.read_spec()
     lines = layout.read_log()
     epochs = epoch_lines(lines)
+    times = [float(m["time"]) for m in lines if isinstance(m.get("time"), (int, float))]
     model = layout.read_model_info()
     best = (model or {}).get("metrics") or (
         max(epochs, key=lambda m: m.get("val_acc", 0.0)) if epochs else {}
@@ -40,8 +41,10 @@ def run_record(layout: RunLayout, *, detail: bool = False) -> dict[str, Any] | N
         "epochs": spec.train.epochs,
         "best_val_acc": best.get("val_acc"),
         "best_epoch": best.get("epoch"),
-        "started_at": lines[0]["time"] if lines else None,
-        "updated_at": lines[-1]["time"] if lines else None,
+        # min/max, not first/last: a search's record adds a stopped trial's last epoch
+        # (with its own time) after lines written later.
+        "started_at": min(times, default=None),
+        "updated_at": max(times, default=None),
         "model_uri": layout.model.uri if model else None,
         "uri": layout.uri,
     }

@@ -1,8 +1,8 @@
 """A finished search's record: one row per trial (`trials.parquet`) and the best trial's
 `model/`.
 
-Rows come from each trial's own metrics and checkpoints in storage, not from Tune's last
-results, so they say what the storage holds.
+Rows come from the run's metrics (merged with each trial's own) and the checkpoints in
+storage, not from Tune's last results, so they say what the storage holds.
 """
 
 from __future__ import annotations
@@ -21,19 +21,31 @@ from jobs.training.checkpoints import complete_checkpoint
 from jobs.training.export import model_info, publish_model
 
 
-def trial_rows(spec: JobSpec, layout: RunLayout, grid) -> list[dict[str, Any]]:
-    """One row per trial of Tune's result grid, best first."""
+def trial_id_of(result) -> str:
+    """The trial id of one entry of Tune's result grid (its directory's name)."""
+    return os.path.basename(result.path.rstrip("/"))
+
+
+def trial_rows(
+    spec: JobSpec, layout: RunLayout, grid, run_lines: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """One row per trial of Tune's result grid, best first.
+
+    Metrics come from the run's record (`run_lines`, already merged with each trial's own
+    log), checkpoints from storage: the best epoch is the best logged one, and the
+    checkpoint is the best epoch's that is complete in storage. They differ when ASHA
+    stopped the trial while its last checkpoint was being uploaded (and when ties or
+    `checkpoint.every_epochs` leave epochs without one); the row then says both.
+    """
     search = spec.search
     metric, mode = search.metric, search.mode
     rows = []
     for result in grid:
-        trial_id = os.path.basename(result.path.rstrip("/"))
-        trial = layout.trial(trial_id)
-        lines = epoch_lines(trial.read_log())
-        # The best epoch that has a checkpoint: an epoch can be logged and then lose its
-        # checkpoint when ASHA stops the trial mid-upload, and ties keep only one epoch.
-        kept = _complete_checkpoints(trial)
-        best = _best_line([m for m in lines if int(m["epoch"]) in kept], metric, mode)
+        trial_id = trial_id_of(result)
+        lines = [m for m in epoch_lines(run_lines) if m.get("trial_id") == trial_id]
+        kept = _complete_checkpoints(layout.trial(trial_id))
+        best = _best_line(lines, metric, mode)
+        saved = _best_line([m for m in lines if int(m["epoch"]) in kept], metric, mode)
         done = max((int(m["epoch"]) + 1 for m in lines), default=0)
         if result.error is not None:
             status = "error"
@@ -41,8 +53,6 @@ def trial_rows(spec: JobSpec, layout: RunLayout, grid) -> list[dict[str, Any]]:
             status = "completed"
         else:
             status = "stopped"  # ASHA ended it early: a decision, not a failure
-        ckpt = kept[int(best["epoch"])].uri if best else None
-        best = best or _best_line(lines, metric, mode)
         rows.append(
             {
                 "trial_id": trial_id,
@@ -53,7 +63,10 @@ def trial_rows(spec: JobSpec, layout: RunLayout, grid) -> list[dict[str, Any]]:
                 "best_epoch": int(best["epoch"]) if best else None,
                 "val_acc": best.get("val_acc") if best else None,
                 "train_time_s": sum(float(m.get("epoch_time_s", 0.0)) for m in lines),
-                "checkpoint_uri": ckpt,
+                # The model this trial can give: its best epoch with a complete checkpoint.
+                "checkpoint_epoch": int(saved["epoch"]) if saved else None,
+                f"checkpoint_{metric}": saved.get(metric) if saved else None,
+                "checkpoint_uri": kept[int(saved["epoch"])].uri if saved else None,
                 "error": _error_text(result.error),
             }
         )
@@ -104,26 +117,32 @@ def _complete_checkpoints(trial: RunLayout) -> dict[int, Location]:
 
 
 def export_best(prepared: Prepared, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The best trial's best checkpoint → `model/` (same contract as a plain job)."""
+    """The best checkpoint of the search → `model/` (same contract as a plain job).
+
+    Ranked by the metric at each trial's checkpoint, not its best epoch: a trial whose best
+    epoch lost its checkpoint to the stop can only give its earlier one.
+    """
     search = prepared.spec.search
-    winner = next((r for r in rows if r["checkpoint_uri"]), None)
-    if winner is None:
+    metric = search.metric
+    saved = [r for r in rows if r["checkpoint_uri"] and r[f"checkpoint_{metric}"] is not None]
+    if not saved:
         errors = sorted({r["error"] for r in rows if r["error"]})
         raise TlctlError(
             "search produced no checkpoint to export"
             + (f": {'; '.join(errors)}" if errors else ""),
             exit_code=EXIT_FAILED,
         )
+    pick = max if search.mode == "max" else min
+    winner = pick(saved, key=lambda r: r[f"checkpoint_{metric}"])  # first of equals
     values = {k: winner[k] for k in search.dimensions()}
     trial = prepared.layout.trial(winner["trial_id"])
-    ckpt, reason = complete_checkpoint(trial, int(winner["best_epoch"]))
+    epoch = int(winner["checkpoint_epoch"])
+    ckpt, reason = complete_checkpoint(trial, epoch)
     if ckpt is None:
         raise TlctlError(
             f"the best trial's checkpoint is not complete ({reason})", exit_code=EXIT_FAILED
         )
-    best = next(
-        m for m in epoch_lines(trial.read_log()) if int(m["epoch"]) == int(winner["best_epoch"])
-    )
+    best = next(m for m in epoch_lines(trial.read_log()) if int(m["epoch"]) == epoch)
     job = prepared.replace(spec=apply_trial(prepared.spec, values)).worker_job()
     info = model_info(job, best, ckpt.uri)
     info["trial_id"] = winner["trial_id"]

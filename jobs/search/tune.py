@@ -20,7 +20,7 @@ from jobs.driver.preflight import Prepared
 from jobs.errors import EXIT_FAILED, TlctlError, root_cause
 from jobs.search.callbacks import PROGRESS, SearchLog
 from jobs.search.space import apply_trial, hyperparameters, param_space, trials_for
-from jobs.search.trials import export_best, trial_rows, write_trials_table
+from jobs.search.trials import export_best, trial_id_of, trial_rows, write_trials_table
 from jobs.spec.search import SearchSpec
 from jobs.storage.layout import TUNE
 from jobs.storage.metrics import post_event
@@ -171,6 +171,7 @@ def run_search(
     cluster holds with `ingest_cpus` of its CPUs kept free for Ray Data).
     """
     start = time.time()
+    search, epochs = prepared.spec.search, prepared.spec.train.epochs
     if prepared.complete:
         info = prepared.layout.read_model_info() or {}
         return search_summary(prepared, info, time.time() - start, already_complete=True)
@@ -189,6 +190,11 @@ def run_search(
         PROGRESS[prepared.layout.uri] = progress
     try:
         grid = tuner.fit()
+        # Tune is done, so this process is the only writer left: every trial's epochs in
+        # its own log reach the run's (a stopped trial's last one Tune never delivered).
+        log = SearchLog(prepared.layout.uri, prepared.spec.storage.endpoint, search, epochs)
+        for result in grid:
+            log.merge_trial(trial_id_of(result))
     except TlctlError:
         raise
     except Exception as exc:  # Tune wraps driver errors
@@ -197,7 +203,7 @@ def run_search(
         PROGRESS.pop(prepared.layout.uri, None)
     # Past the search, storage calls wait out an outage as the trials' training did.
     prepared = prepared.replace(layout=patient_layout(prepared))
-    rows = trial_rows(prepared.spec, prepared.layout, grid)
+    rows = trial_rows(prepared.spec, prepared.layout, grid, log.lines or [])
     write_trials_table(prepared.layout, rows)
     info = export_best(prepared, rows)
     return search_summary(prepared, info, time.time() - start, rows=rows)

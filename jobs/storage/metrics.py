@@ -138,6 +138,19 @@ class MetricsLog:
 
     close = flush  # the last write is the only thing to wait for
 
+    def wait_written(self, timeout_s: float) -> bool:
+        """Wait at most `timeout_s` for every line so far to be in storage: False when
+        it is not (an outage; the write goes on in the background, an error is raised by
+        the next call)."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while (self._pending or self._busy) and self._error is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(timeout=left)
+            return self._error is None
+
     def epoch(self, metrics: dict[str, Any]) -> None:
         self._write({"kind": "epoch", **metrics})
 

@@ -33,6 +33,8 @@ from jobs.training.model import build_job_model, trainable_parameters
 from jobs.training.steps import evaluate, make_optimizer, make_scheduler, train_one_epoch
 from jobs.training.upload import Uploader
 
+LOG_BEFORE_REPORT_S = 2.0  # a metrics line lands in ~0.05 s; longer means an outage
+
 
 @dataclass(frozen=True)
 class WorkerJob:
@@ -254,6 +256,9 @@ def checkpoint_and_report(worker: Worker, epoch: int, metrics: dict[str, Any]) -
     if worker.log is not None:
         worker.log.epoch(metrics)
         _put(job.progress, {"epoch_done": epoch, **metrics})
+        # The run's (or trial's) own record holds the epoch before Ray hears of it, so a
+        # stop decided on this report cannot leave it unrecorded; an outage is not waited.
+        worker.log.wait_written(LOG_BEFORE_REPORT_S)
     if ckpt_dir:
         worker.uploader.submitted()
     ray.train.report(

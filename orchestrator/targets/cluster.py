@@ -317,6 +317,7 @@ class MetricsFeed:
         self.layout: RunLayout = prepared.layout
         self.search = prepared.spec.search is not None
         self.seen: set[tuple] = set()
+        self.ended: dict[str, str] = {}  # trial id -> its end status
         self.give_up_s = give_up_s
         self._failing_since: float | None = None
 
@@ -350,11 +351,13 @@ class MetricsFeed:
     def _item(self, m: dict[str, Any]) -> dict[str, Any] | None:
         kind = m.get("kind", "epoch")
         if self.search:
-            if kind == "epoch":
-                return {"search": True, **m, "status": "running"}
+            if kind == "epoch":  # merged after the trial's end: it stays ended
+                return {"search": True, **m, "status": self.ended.get(m.get("trial_id"), "running")}
             event = str(m.get("event", ""))
             if event.startswith("trial_") and m.get("trial_id"):
                 status = {"trial_started": "running"}.get(event, event.removeprefix("trial_"))
+                if status != "running":
+                    self.ended[m["trial_id"]] = status
                 return {"search": True, **m, "status": status}
             return None
         if kind == "epoch":

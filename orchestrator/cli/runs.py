@@ -47,17 +47,23 @@ def runs_show(
 
 @guarded
 def report(
-    name: Annotated[str, typer.Argument(help="Run name (a search run).")],
+    name: Annotated[str, typer.Argument(help="Run name (a plain run or a search).")],
     storage: StorageOpt,
     endpoint: EndpointOpt = None,
     out: Annotated[
         Path | None,
         typer.Option("--out", help="Output directory (default: report/<RUN>)."),
     ] = None,
+    json_out: JsonOpt = False,
 ) -> None:
-    """Plots, trials.csv and a self-contained index.html of a hyperparameter search."""
+    """Plots, a CSV and a self-contained index.html of a run: a plain run's curves,
+    throughput and restarts, or a search's trials compared. Prints the files written."""
+    from orchestrator.display import emit_json
     from orchestrator.report import build_report
 
     result = build_report(storage, endpoint, name, out or Path("report") / name)
+    if json_out:
+        emit_json(result)
+        return
     for path in result["files"]:
         typer.echo(path)

@@ -8,6 +8,7 @@ checked against its manifest.
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import signal
@@ -136,6 +137,16 @@ def test_a_killed_worker_is_replaced_and_the_run_finishes(tmp_path, data, s3) ->
     assert len(placements) >= 2 and victim not in {w["pid"] for w in placements[-1]["workers"]}
     assert set(all_intact(run)) == set(range(EPOCHS))  # every epoch's checkpoint, whole
     assert verify(run.join("model")) is None
+    # The run's report tells the same story: the failure and the resume on its timeline.
+    from orchestrator.report import build_report
+    from orchestrator.report.run import run_context
+
+    report = build_report(s3["storage"], s3["endpoint"], "killed", tmp_path / "report")
+    assert report["kind"] == "train" and report["epochs"] == EPOCHS
+    marks = [e["event"] for e in run_context(RunLayout(run), RunLayout(run).read_spec())["events"]]
+    assert "worker_failure" in marks and marks.index("resumed") > marks.index("worker_failure")
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert html.escape(failures[0]["cause"], quote=True) in page
 
 
 def test_more_failures_than_allowed_fail_cleanly_with_checkpoints_intact(

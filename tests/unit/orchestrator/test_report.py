@@ -228,20 +228,161 @@ def test_unknown_run_under_empty_root(tmp_path: Path) -> None:
     assert "(no runs there)" in info.value.message
 
 
-def test_plain_run_is_not_a_search(tmp_path: Path) -> None:
-    run = tmp_path / "runs" / "plain"
+PLAIN_T0 = 1795900000.0
+# (epoch, val_acc, images_per_s, seconds after start); the restart re-runs epoch 2, whose
+# first line the restarted rank 0 drops (MetricsLog.load) — kept here, the report drops it.
+PLAIN_EPOCHS = [(0, 0.40, 120.0, 10), (1, 0.55, 160.0, 20), (2, 0.50, 161.0, 30)]
+PLAIN_RERUN = [(2, 0.62, 158.0, 60), (3, 0.70, 170.0, 70)]
+FAILURE_CAUSE = "ActorDiedError: worker <rank 1> died"
+
+
+def _plain_line(epoch: int, acc: float, ips: float, at: float) -> dict[str, Any]:
+    line = _epoch_line("x", {}, epoch, acc)
+    del line["trial_id"]
+    return {**line, "images_per_s": ips, "time": PLAIN_T0 + at}
+
+
+def write_plain_run(root: Path, name: str = "plain", *, epochs: bool = True) -> Path:
+    """A plain run that lost a worker after epoch 3 and resumed from epoch 2's checkpoint,
+    skipping a broken newer one, as jobs.training.loop and the failure callback log it."""
+    run = root / name
     run.mkdir(parents=True)
-    (run / "spec.yaml").write_text(yaml.safe_dump({**_spec(None), "name": "plain"}))
-    line = _epoch_line("x", {}, 0, 0.5)
-    (run / "metrics.jsonl").write_text(
-        json.dumps({k: v for k, v in line.items() if k != "trial_id"})
-    )
+    (run / "spec.yaml").write_text(yaml.safe_dump({**_spec(None), "name": name}))
+    placement = {"kind": "event", "event": "workers", "epoch": 0, "workers": []}
+    lines = [{**placement, "time": PLAIN_T0}]
+    if epochs:
+        lines += [_plain_line(*e) for e in PLAIN_EPOCHS]
+        lines += [
+            {
+                "kind": "event",
+                "event": "worker_failure",
+                "ranks": [1],
+                "cause": FAILURE_CAUSE,
+                "time": PLAIN_T0 + 35,
+            },
+            {
+                "kind": "event",
+                "event": "checkpoint_skipped",
+                "epoch": 2,
+                "checkpoint": "/runs/plain/checkpoints/epoch-0002",
+                "reason": "model.pt has 10 bytes, the manifest says 20",
+                "time": PLAIN_T0 + 50,
+            },
+            {
+                "kind": "event",
+                "event": "resumed",
+                "epoch": 2,
+                "from_checkpoint_epoch": 1,
+                "time": PLAIN_T0 + 50,
+            },
+            {**placement, "epoch": 2, "time": PLAIN_T0 + 50},
+        ]
+        lines += [_plain_line(*e) for e in PLAIN_RERUN]
+        model = {
+            "backbone": "resnet18",
+            "metrics": {"val_acc": 0.70, "epoch": 3},
+            "checkpoint": "/runs/plain/checkpoints/epoch-0003",
+        }
+        (run / "model").mkdir()
+        (run / "model" / "model.json").write_text(json.dumps(model))
+    (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in lines))
+    return run
+
+
+def test_plain_run_report_tells_the_training_story(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    write_plain_run(root)
+    out = tmp_path / "out"
+    result = build_report(str(root), None, "plain", out)
+    names = ["curves.png", "throughput.png", "timeline.png", "epochs.csv", "index.html"]
+    assert [Path(f).name for f in result["files"]] == names
+    for name in names[:3]:
+        assert_png(out / name)
+    assert result["kind"] == "train" and result["epochs"] == 4
+    assert result["best_epoch"] == 3 and result["best_val_acc"] == 0.70
+    assert result["model_uri"] == str(root / "plain" / "model")
+    # One row per epoch, the re-run epoch with its last values, in epoch order.
+    with (out / "epochs.csv").open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [r["epoch"] for r in rows] == ["0", "1", "2", "3"]
+    assert [float(r["val_acc"]) for r in rows] == [0.40, 0.55, 0.62, 0.70]
+    assert [float(r["images_per_s"]) for r in rows] == [120.0, 160.0, 158.0, 170.0]
+    page = (out / "index.html").read_text()
+    assert page.count('src="data:image/png;base64,') == 3
+    assert 'src="curves.png"' not in page
+    assert "tlctl run report: plain" in page
+    assert "0.7 (epoch 4)" in page  # best val acc, 1-based
+    # The restart story, escaped: failure with its cause, the skipped checkpoint, the resume.
+    assert "ActorDiedError: worker &lt;rank 1&gt; died" in page and "<rank 1>" not in page
+    assert "model.pt has 10 bytes, the manifest says 20" in page
+    assert "from the checkpoint of epoch 2" in page
+    assert "1 checkpoint skipped, 1 resumed, 1 worker failure" in page
+    assert "workers</td>" not in page  # placements are not events worth a mark
+
+
+def test_plain_run_timeline_marks_restarts_and_resumes(tmp_path: Path) -> None:
+    from orchestrator.report.run import run_context
+
+    root = tmp_path / "runs"
+    run = write_plain_run(root)
+    layout = RunLayout(resolve(str(run)))
+    ctx = run_context(layout, layout.read_spec())
+    assert [e["event"] for e in ctx["events"]] == [
+        "worker_failure",
+        "checkpoint_skipped",
+        "resumed",
+    ]
+    assert ctx["start"] == PLAIN_T0
+    assert [m["epoch"] for m in ctx["epochs"]] == [0, 1, 2, 3]
+
+
+def test_plain_run_report_json(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    write_plain_run(root)
     result = runner.invoke(
-        app, ["report", "plain", "--storage", str(tmp_path / "runs"), "--out", str(tmp_path / "o")]
+        app, ["report", "plain", "--storage", str(root), "--out", str(tmp_path / "o"), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["kind"] == "train" and out["epochs"] == 4 and len(out["files"]) == 5
+
+
+def test_plain_run_without_epochs_is_refused(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    write_plain_run(root, epochs=False)
+    result = runner.invoke(
+        app, ["report", "plain", "--storage", str(root), "--out", str(tmp_path / "o")]
     )
     assert result.exit_code == 2
-    assert "run 'plain' is not a search (no trials.parquet)" in result.output
+    assert "run 'plain' has no epochs recorded yet" in result.output
     assert "tlctl runs show plain" in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_lost_best_checkpoint_is_shown(tmp_path: Path) -> None:
+    """A trial whose best epoch lost its checkpoint to ASHA's stop: the table names the
+    earlier checkpoint and its metric instead of implying the best epoch has one."""
+    root = tmp_path / "runs"
+    run = write_search_run(root)
+    layout = RunLayout(resolve(str(run)))
+    rows = layout.read_trials_table()
+    for row in rows:  # as jobs.search.trials writes them: every row has every column
+        row.update(checkpoint_epoch=row["best_epoch"], checkpoint_val_acc=row["best_val_acc"])
+    stopped = rows[2]
+    stopped.update(
+        checkpoint_epoch=0,
+        checkpoint_val_acc=0.25,
+        checkpoint_uri=f"/runs/{RUN}/trials/{stopped['trial_id']}/checkpoints/epoch-0000",
+    )
+    write_trials_table(layout, rows)
+    build_report(str(root), None, RUN, tmp_path / "out")
+    page = (tmp_path / "out" / "index.html").read_text()
+    assert f"{stopped['checkpoint_uri']} (epoch 1, val_acc 0.25)" in page
+    shown = runner.invoke(
+        app, ["runs", "show", RUN, "--storage", str(root)], env={"COLUMNS": "300"}
+    )
+    assert shown.exit_code == 0, shown.output
+    assert "(epoch 1, val_acc 25.0%)" in shown.output
 
 
 def test_unfinished_search_says_so(storage: Path, tmp_path: Path) -> None:

@@ -1,17 +1,11 @@
-"""`tlctl report`: a hyperparameter search as PNG plots, a CSV and one self-contained HTML page.
+"""The report of a hyperparameter search: per-trial curves, the metric over the searched
+values, epochs per trial (what early stopping saved), trials.csv and the page.
 
-Reads storage only (spec, metrics.jsonl, trials.parquet, model.json); no Ray, no torch.
-matplotlib is imported inside the functions that draw, so the rest of the CLI stays fast.
+Reads spec, metrics.jsonl, trials.parquet and model.json.
 """
 
 from __future__ import annotations
 
-import base64
-import csv
-import datetime as dt
-import html
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -21,29 +15,34 @@ from jobs.spec.model import JobSpec
 from jobs.spec.search import DIMENSIONS
 from jobs.storage.layout import TRIALS_TABLE, RunLayout, epoch_lines
 from jobs.storage.location import exists
-from orchestrator.runs import locate_run
-
-STATUS_COLOURS = {"completed": "#2e7d32", "stopped": "#ef6c00", "error": "#c62828"}
-OTHER_COLOUR = "#757575"
-_DPI = 110
-
+from orchestrator.display import trial_checkpoint
+from orchestrator.report.page import (
+    OTHER_COLOUR,
+    STATUS_COLOURS,
+    blend,
+    definitions,
+    esc,
+    fmt,
+    html_table,
+    is_number,
+    new_figure,
+    no_data,
+    pct,
+    save,
+    write_csv,
+    write_page,
+)
 
 # --- reading the run -----------------------------------------------------------------------
 
 
-def _require_search(run: RunLayout, name: str, spec: JobSpec) -> None:
-    """A report needs trials.parquet: a plain run (or an unfinished search) has none."""
-    if exists(run.trials_table):
-        return
-    if spec.search:
+def _require_trials(run: RunLayout, name: str) -> None:
+    """A search's report needs trials.parquet: an unfinished search has none."""
+    if not exists(run.trials_table):
         raise TlctlError(
             f"run '{name}' has no {TRIALS_TABLE} yet: the search has not finished "
             f"(resubmit its spec to resume it; `tlctl runs show {name}` shows its progress)"
         )
-    raise TlctlError(
-        f"run '{name}' is not a search (no {TRIALS_TABLE}); "
-        f"`tlctl runs show {name}` shows a plain run"
-    )
 
 
 def _curves_by_trial(lines: list[dict[str, Any]], metric: str) -> dict[str, list[tuple]]:
@@ -51,26 +50,13 @@ def _curves_by_trial(lines: list[dict[str, Any]], metric: str) -> dict[str, list
     points: dict[str, dict[int, float]] = {}
     for m in epoch_lines(lines):
         value = m.get(metric)
-        if m.get("trial_id") is None or not _is_number(value) or m.get("epoch") is None:
+        if m.get("trial_id") is None or not is_number(value) or m.get("epoch") is None:
             continue
         points.setdefault(str(m["trial_id"]), {})[int(m["epoch"])] = float(value)
     return {t: sorted(p.items()) for t, p in points.items()}
 
 
 # --- small helpers -------------------------------------------------------------------------
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
-
-
-def _fmt(value: Any) -> str:
-    """Short human text for a table cell: floats to 4 significant digits, None as '-'."""
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
 
 
 def _dims(rows: list[dict[str, Any]]) -> list[str]:
@@ -80,7 +66,7 @@ def _dims(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def _values(row: dict[str, Any], dims: list[str]) -> str:
-    return " ".join(f"{d}={_fmt(row.get(d))}" for d in dims)
+    return " ".join(f"{d}={fmt(row.get(d))}" for d in dims)
 
 
 def _label(row: dict[str, Any], dims: list[str]) -> str:
@@ -94,55 +80,11 @@ def _best_trial(rows: list[dict[str, Any]], model: dict[str, Any] | None) -> str
     return next((str(r["trial_id"]) for r in rows if r.get("checkpoint_uri")), None)
 
 
-def _columns(rows: list[dict[str, Any]]) -> list[str]:
-    """Every column of the table, in first-seen order."""
-    seen: dict[str, None] = {}
-    for r in rows:
-        seen.update(dict.fromkeys(r))
-    return list(seen)
-
-
-# --- output directory ----------------------------------------------------------------------
-
-
-def _prepare_out_dir(out_dir: Path) -> Path:
-    """Create `out_dir` and prove it writable before any plot is drawn."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=out_dir, prefix=".tlctl-write-probe-")
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        if isinstance(exc, (FileExistsError, NotADirectoryError)):
-            reason = "a file is in the way; it must be a directory"
-        raise TlctlError(f"--out: cannot write to {out_dir} ({reason})") from exc
-    return out_dir
-
-
-# --- plots ---------------------------------------------------------------------------------
-
-
-def _new_figure(width: float = 8.0, height: float = 4.8):
-    """A Figure on the Agg canvas: no pyplot, so no global state and no display needed."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=_DPI)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig, path: Path) -> Path:
-    fig.savefig(path, format="png", bbox_inches="tight")
-    return path
-
-
 def plot_curves(ctx: dict[str, Any], path: Path) -> Path:
     """Validation metric per epoch, one line per trial: where ASHA cut and who won."""
     metric, rows, dims, best = ctx["metric"], ctx["rows"], ctx["dims"], ctx["best_trial"]
     curves = ctx["curves"]
-    fig = _new_figure(9.0, 5.0)
+    fig = new_figure(9.0, 5.0)
     ax = fig.add_subplot()
     cmap = _colormap("tab10" if len(rows) <= 10 else "tab20")
     for i, row in enumerate(rows):
@@ -171,8 +113,8 @@ def plot_curves(ctx: dict[str, Any], path: Path) -> Path:
     if ax.lines:
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     else:
-        ax.text(0.5, 0.5, "no epochs recorded", ha="center", va="center", transform=ax.transAxes)
-    return _save(fig, path)
+        no_data(ax, "no epochs recorded")
+    return save(fig, path)
 
 
 def _colormap(name: str):
@@ -183,14 +125,14 @@ def _colormap(name: str):
 
 def _log_ok(dim: str, values: Iterable[Any]) -> bool:
     """Rates are searched on a log scale; a log axis needs positive values."""
-    return dim in ("lr", "weight_decay") and all(_is_number(v) and v > 0 for v in values)
+    return dim in ("lr", "weight_decay") and all(is_number(v) and v > 0 for v in values)
 
 
 def plot_freeze_lr(ctx: dict[str, Any], path: Path) -> Path:
     """Each trial's best metric over freeze_depth × lr (or over the one dimension searched)."""
     dims = ctx["dims"]
     plotted = [d for d in ("lr", "freeze_depth") if d in dims] or dims[:1]
-    fig = _new_figure(8.0, 5.0)
+    fig = new_figure(8.0, 5.0)
     ax = fig.add_subplot()
     if len(plotted) == 2:
         _map_2d(fig, ax, ctx)
@@ -199,7 +141,7 @@ def plot_freeze_lr(ctx: dict[str, Any], path: Path) -> Path:
     else:
         _bars_per_trial(ax, ctx)
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return save(fig, path)
 
 
 def _spread(rows: list[dict[str, Any]], keys: tuple[str, str]) -> list[float]:
@@ -222,7 +164,7 @@ def _label_lifts(xs: list[Any], ys: list[float]) -> list[float]:
         rows.setdefault(y, []).append(i)
     lifts = [13.0] * len(xs)
     for members in rows.values():
-        ordered = sorted(members, key=lambda i: xs[i] if _is_number(xs[i]) else 0.0)
+        ordered = sorted(members, key=lambda i: xs[i] if is_number(xs[i]) else 0.0)
         for j, i in enumerate(ordered):
             lifts[i] = 13.0 if j % 2 == 0 else -13.0
     return lifts
@@ -234,7 +176,7 @@ def _map_2d(fig, ax, ctx: dict[str, Any]) -> None:
     offsets = _spread(rows, ("lr", "freeze_depth"))
     xs = [r.get("lr") for r in rows]
     ys = [float(r.get("freeze_depth") or 0) + o for r, o in zip(rows, offsets, strict=True)]
-    scored = [i for i, r in enumerate(rows) if _is_number(r.get(key))]
+    scored = [i for i, r in enumerate(rows) if is_number(r.get(key))]
     unscored = [i for i in range(len(rows)) if i not in scored]
     cmap = "viridis" if ctx["mode"] == "max" else "viridis_r"  # bright = better either way
     if scored:
@@ -262,7 +204,7 @@ def _map_2d(fig, ax, ctx: dict[str, Any]) -> None:
         ax.legend(fontsize=8, loc="best")
     lifts = _label_lifts(xs, ys)
     for i, r in enumerate(rows):
-        text = f"{r[key]:.3g}" if _is_number(r.get(key)) else str(r.get("status", "-"))
+        text = f"{r[key]:.3g}" if is_number(r.get(key)) else str(r.get("status", "-"))
         ax.annotate(
             text,
             (xs[i], ys[i]),
@@ -286,7 +228,7 @@ def _map_2d(fig, ax, ctx: dict[str, Any]) -> None:
 def _scatter_1d(ax, ctx: dict[str, Any], dim: str) -> None:
     metric, rows = ctx["metric"], ctx["rows"]
     key = f"best_{metric}"
-    shown = [r for r in rows if _is_number(r.get(key)) and r.get(dim) is not None]
+    shown = [r for r in rows if is_number(r.get(key)) and r.get(dim) is not None]
     for status in sorted({r.get("status") for r in shown}, key=str):
         group = [r for r in shown if r.get("status") == status]
         ax.scatter(
@@ -301,7 +243,7 @@ def _scatter_1d(ax, ctx: dict[str, Any], dim: str) -> None:
         )
     for r in shown:
         ax.annotate(
-            _fmt(r[key]), (r[dim], r[key]), textcoords="offset points", xytext=(0, 8), ha="center"
+            fmt(r[key]), (r[dim], r[key]), textcoords="offset points", xytext=(0, 8), ha="center"
         )
     if _log_ok(dim, [r[dim] for r in shown]):
         ax.set_xscale("log")
@@ -320,7 +262,7 @@ def _bars_per_trial(ax, ctx: dict[str, Any]) -> None:
     ids = [str(r["trial_id"]) for r in rows]
     ax.bar(
         ids,
-        [r.get(key) if _is_number(r.get(key)) else 0.0 for r in rows],
+        [r.get(key) if is_number(r.get(key)) else 0.0 for r in rows],
         color=[STATUS_COLOURS.get(r.get("status"), OTHER_COLOUR) for r in rows],
     )
     ax.set_ylabel(f"best {metric}")
@@ -335,19 +277,19 @@ def _is_best(row: dict[str, Any], ctx: dict[str, Any]) -> bool:
 def plot_epochs(ctx: dict[str, Any], path: Path) -> Path:
     """Epochs each trial ran against the budget: the compute early stopping saved."""
     rows, max_epochs = ctx["rows"], ctx["max_epochs"]
-    fig = _new_figure(max(6.0, 0.45 * len(rows) + 3.0), 4.5)
+    fig = new_figure(max(6.0, 0.45 * len(rows) + 3.0), 4.5)
     ax = fig.add_subplot()
     ids = [str(r["trial_id"]) for r in rows]
     ran = [int(r.get("epochs_run") or 0) for r in rows]
     colours = [STATUS_COLOURS.get(r.get("status"), OTHER_COLOUR) for r in rows]
     ax.bar_label(ax.bar(ids, ran, color=colours), fontsize=8)  # "0" shows a trial that failed
     ax.axhline(max_epochs, color="black", linestyle="--", linewidth=1)
-    ax.text(1.0, max_epochs, f"max {max_epochs} ", va="bottom", ha="right", transform=_blend(ax))
+    ax.text(1.0, max_epochs, f"max {max_epochs} ", va="bottom", ha="right", transform=blend(ax))
     budget, used = max_epochs * len(rows), sum(ran)
     ax.set_title(
         f"epochs run per trial: {used} of {budget}"
         + (
-            f", early stopping saved {budget - used} ({_pct(budget - used, budget)})"
+            f", early stopping saved {budget - used} ({pct(budget - used, budget)})"
             if budget
             else ""
         )
@@ -358,18 +300,7 @@ def plot_epochs(ctx: dict[str, Any], path: Path) -> Path:
     ax.tick_params(axis="x", labelrotation=45, labelsize=7)
     _status_legend(ax, rows)
     ax.grid(axis="y", alpha=0.3)
-    return _save(fig, path)
-
-
-def _blend(ax):
-    """x in axes fraction, y in data units: a label at the right end of a horizontal line."""
-    from matplotlib.transforms import blended_transform_factory
-
-    return blended_transform_factory(ax.transAxes, ax.transData)
-
-
-def _pct(part: int, whole: int) -> str:
-    return f"{100 * part / whole:.0f}%"
+    return save(fig, path)
 
 
 def _status_legend(ax, rows: list[dict[str, Any]]) -> None:
@@ -381,42 +312,7 @@ def _status_legend(ax, rows: list[dict[str, Any]]) -> None:
         ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
-# --- CSV and HTML --------------------------------------------------------------------------
-
-
-def write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
-    """trials.csv: the trials table with a rank column, for spreadsheets."""
-    columns = ["rank", *_columns(rows)]
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        for rank, row in enumerate(rows, start=1):
-            writer.writerow({"rank": rank, **{k: "" if v is None else v for k, v in row.items()}})
-    return path
-
-
-_CSS = """
-body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:2rem auto;max-width:75rem;
- padding:0 1rem;color:#222}
-h1{font-size:1.5rem;margin-bottom:.2rem}h2{font-size:1.15rem;margin-top:2rem}
-dl{display:grid;grid-template-columns:max-content auto;gap:.25rem 1rem}dt{font-weight:600}
-dd{margin:0;word-break:break-all}code{font-size:.9em}
-img{max-width:100%;border:1px solid #ddd;margin:.5rem 0}
-table{border-collapse:collapse;font-size:.85rem;width:100%}
-th,td{border-bottom:1px solid #ddd;padding:.3rem .5rem;text-align:left;vertical-align:top}
-th{background:#f4f4f4}tr.best{background:#eef7ee;font-weight:600}
-td.num{text-align:right;font-variant-numeric:tabular-nums}
-.completed{color:#2e7d32}.stopped{color:#ef6c00}.error{color:#c62828}
-.muted{color:#777;font-size:.85rem}
-"""
-
-
-def _e(value: Any) -> str:
-    return html.escape(_fmt(value), quote=True)
-
-
-def _data_uri(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+# --- the page ------------------------------------------------------------------------------
 
 
 def _summary_html(ctx: dict[str, Any]) -> str:
@@ -434,106 +330,84 @@ def _summary_html(ctx: dict[str, Any]) -> str:
     ]
     if best is not None:
         items.append(("best hyperparameters", _values(best, ctx["dims"]) or "-"))
-        items.append((f"best {ctx['metric']}", _fmt(best.get(f"best_{ctx['metric']}"))))
+        items.append((f"best {ctx['metric']}", fmt(best.get(f"best_{ctx['metric']}"))))
     items.append(("best model", ctx["model_uri"] or "not exported yet"))
-    body = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in items)
-    return f"<dl>{body}</dl>"
+    return definitions(items)
 
 
 def _table_html(ctx: dict[str, Any]) -> str:
     metric, dims = ctx["metric"], ctx["dims"]
     heads = ["rank", "trial", *dims, "status", "epochs", f"best {metric}", "best epoch"]
     heads.append("checkpoint")
-    head = "".join(f"<th>{_e(h)}</th>" for h in heads)
     body = []
     for rank, r in enumerate(ctx["rows"], start=1):
         best_epoch = r.get("best_epoch")
+        checkpoint = trial_checkpoint(r, metric, fmt) if r.get("checkpoint_uri") else None
         cells = [
             f'<td class="num">{rank}</td>',
-            f"<td><code>{_e(r['trial_id'])}</code></td>",
-            *(f'<td class="num">{_e(r.get(d))}</td>' for d in dims),
-            f'<td class="{_e(r.get("status"))}">{_e(r.get("status"))}'
-            + (f'<br><span class="muted">{_e(r["error"])}</span>' if r.get("error") else "")
+            f"<td><code>{esc(r['trial_id'])}</code></td>",
+            *(f'<td class="num">{esc(r.get(d))}</td>' for d in dims),
+            f'<td class="{esc(r.get("status"))}">{esc(r.get("status"))}'
+            + (f'<br><span class="muted">{esc(r["error"])}</span>' if r.get("error") else "")
             + "</td>",
-            f'<td class="num">{_e(r.get("epochs_run"))} / {_e(ctx["max_epochs"])}</td>',
-            f'<td class="num">{_e(r.get(f"best_{metric}"))}</td>',
-            f'<td class="num">{_e(None if best_epoch is None else int(best_epoch) + 1)}</td>',
-            f"<td><code>{_e(r.get('checkpoint_uri'))}</code></td>",
+            f'<td class="num">{esc(r.get("epochs_run"))} / {esc(ctx["max_epochs"])}</td>',
+            f'<td class="num">{esc(r.get(f"best_{metric}"))}</td>',
+            f'<td class="num">{esc(None if best_epoch is None else int(best_epoch) + 1)}</td>',
+            f"<td><code>{esc(checkpoint)}</code></td>",
         ]
         css = ' class="best"' if _is_best(r, ctx) else ""
         body.append(f"<tr{css}>{''.join(cells)}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return html_table(heads, body)
 
 
-def write_html(ctx: dict[str, Any], images: dict[str, Path], path: Path) -> Path:
-    """One page with the PNGs inlined as data URIs, so the file still works when moved."""
-    title = f"tlctl search report: {ctx['name']}"
-    captions = {
-        "curves.png": f"{ctx['metric']} per epoch",
-        "freeze_lr.png": f"best {ctx['metric']} by hyperparameters",
-        "epochs.png": "epochs run per trial",
-    }
-    figures = "".join(
-        f"<h2>{_e(captions[n])}</h2>"
-        f'<img src="{_data_uri(p)}" alt="{_e(captions[n])}" data-file="{_e(n)}">'
-        for n, p in images.items()
-    )
-    generated = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
-    page = (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        '<meta name="viewport" content="width=device-width,initial-scale=1">'
-        f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>"
-        f"<h1>{_e(title)}</h1>"
-        f'<p class="muted">generated {_e(generated)} by tlctl report</p>'
-        f"{_summary_html(ctx)}{figures}"
-        f"<h2>trials (best first; epochs 1-based)</h2>{_table_html(ctx)}"
-        "</body></html>\n"
-    )
-    path.write_text(page, encoding="utf-8")
-    return path
-
-
-# --- entry point ---------------------------------------------------------------------------
-
-
-def _context(run: RunLayout, spec: JobSpec) -> dict[str, Any]:
-    """Everything the plots and the page need, read once from storage."""
+def search_context(run: RunLayout, spec: JobSpec) -> dict[str, Any]:
+    """Everything the plots and the page need, read once from storage (before `--out` is
+    touched: an unfinished search is refused first)."""
+    _require_trials(run, spec.name)
     search = spec.search
-    metric = search.metric if search else "val_acc"
     rows = run.read_trials_table()
     model = run.read_model_info()
     return {
         "name": spec.name,
         "uri": run.uri,
         "backbone": spec.backbone.name,
-        "metric": metric,
-        "mode": (search.mode if search else None) or "max",
+        "metric": search.metric,
+        "mode": search.mode or "max",
         "max_epochs": spec.train.epochs,
         "rows": rows,
         "dims": _dims(rows),
-        "curves": _curves_by_trial(run.read_log(), metric),
+        "curves": _curves_by_trial(run.read_log(), search.metric),
         "best_trial": _best_trial(rows, model),
         "model_uri": run.model.uri if model else None,
     }
 
 
-def build_report(storage: str, endpoint: str | None, name: str, out_dir: Path) -> dict[str, Any]:
-    """Write curves.png, freeze_lr.png, epochs.png, trials.csv and index.html to `out_dir`."""
-    run = locate_run(storage, endpoint, name)
-    spec = run.read_spec()
-    _require_search(run, name, spec)
-    out = _prepare_out_dir(Path(out_dir))
-    ctx = _context(run, spec)
+def write_search_report(ctx: dict[str, Any], out: Path) -> dict[str, Any]:
+    """curves.png, freeze_lr.png, epochs.png, trials.csv and index.html in `out`."""
     images = {
         "curves.png": plot_curves(ctx, out / "curves.png"),
         "freeze_lr.png": plot_freeze_lr(ctx, out / "freeze_lr.png"),
         "epochs.png": plot_epochs(ctx, out / "epochs.png"),
     }
-    csv_path = write_csv(ctx["rows"], out / "trials.csv")
-    page = write_html(ctx, images, out / "index.html")
+    ranked = [{"rank": rank, **row} for rank, row in enumerate(ctx["rows"], start=1)]
+    csv_path = write_csv(ranked, out / "trials.csv")
+    captions = {
+        "curves.png": f"{ctx['metric']} per epoch",
+        "freeze_lr.png": f"best {ctx['metric']} by hyperparameters",
+        "epochs.png": "epochs run per trial",
+    }
+    page = write_page(
+        out / "index.html",
+        f"tlctl search report: {ctx['name']}",
+        _summary_html(ctx),
+        images,
+        captions,
+        [("trials (best first; epochs 1-based)", _table_html(ctx))],
+    )
     return {
         "files": [str(p) for p in (*images.values(), csv_path, page)],
-        "run": run.uri,
+        "run": ctx["uri"],
+        "kind": "search",
         "trials": len(ctx["rows"]),
         "best_trial": ctx["best_trial"],
         "model_uri": ctx["model_uri"],

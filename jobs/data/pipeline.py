@@ -22,20 +22,76 @@ from jobs.spec.model import DataSpec
 CACHE_LIMIT_BYTES = 2 * 1024**3
 AUGMENT_TASK_CPUS = 0.25
 DECODE_BATCH = 64
+# Images over this many pixels are refused, never decoded: PIL's own default (about a
+# 9459x9459 image, 256 MiB as RGB at 24 bits), set explicitly so that it cannot be
+# changed elsewhere in a worker; an image between 1x and 2x of it would only warn in PIL.
+MAX_IMAGE_PIXELS = 89_478_485
 
 
 def decode_image(data: bytes, size: int, where: str) -> np.ndarray:
-    """Bytes → uint8 HxWx3 at `size`x`size`; a corrupt file is named in the error."""
+    """Bytes → uint8 HxWx3 at `size`x`size`; a corrupt or oversized file is named in the
+    error (see `to_rgb` for how each image mode becomes RGB)."""
     from PIL import Image
 
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS  # PIL's bomb guard, at our documented limit
     try:
         with Image.open(io.BytesIO(data)) as img:
-            img = img.convert("RGB")
-            if img.size != (size, size):
-                img = img.resize((size, size), Image.BILINEAR)
-            return np.asarray(img, dtype=np.uint8)
-    except Exception as exc:  # PIL raises many types
+            width, height = img.size  # from the header: nothing is decoded yet
+            if width * height > MAX_IMAGE_PIXELS:
+                raise ValueError(
+                    f"{width}x{height} = {width * height:,} pixels is over the limit of "
+                    f"{MAX_IMAGE_PIXELS:,} (a decompression bomb, or an image far larger "
+                    "than training needs: downscale it)"
+                )
+            rgb = to_rgb(img)
+            if rgb.size != (size, size):
+                rgb = rgb.resize((size, size), Image.BILINEAR)
+            return np.asarray(rgb, dtype=np.uint8)
+    except Exception as exc:  # PIL raises many types (DecompressionBombError among them)
         raise ValueError(f"{CORRUPT_MARKER} {where}: {exc}") from exc
+
+
+def to_rgb(img):  # PIL.Image.Image -> PIL.Image.Image
+    """An image of any mode as 8-bit RGB.
+
+    - 16-bit greyscale (I;16*, and I holding values in 0..65535, as PIL opens 16-bit
+      PNGs): value / 65535 * 255, so 65535 is 255 (never clipped). Float (F): 0..1 when
+      every value lies there, else the image's own min..max. Other I images: min..max.
+    - Palette images (P, PA) with transparency, LA, RGBA and other alpha modes: the alpha
+      is composited onto white (a transparent background reads as white, as in a browser),
+      then the colour kept.
+    - CMYK, YCbCr, LAB, HSV, 1 and L: PIL's own conversion to RGB.
+    """
+    from PIL import Image
+
+    if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+        return Image.fromarray(_scale_to_uint8(img)).convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    elif img.mode == "PA":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _scale_to_uint8(img) -> np.ndarray:
+    """A high-bit-depth or float greyscale image as uint8 0..255 (see `to_rgb`)."""
+    mode = img.mode
+    values = np.asarray(img).astype(np.float64)
+    finite = values[np.isfinite(values)]
+    lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    if mode.startswith("I;16") or (mode == "I" and lo >= 0.0 and hi <= 65535.0):
+        low, high = 0.0, 65535.0
+    elif mode == "F" and lo >= 0.0 and hi <= 1.0:
+        low, high = 0.0, 1.0
+    else:
+        low, high = lo, hi
+    values = np.nan_to_num(values, nan=low, posinf=high, neginf=low)
+    scaled = (values - low) * (255.0 / (high - low)) if high > low else values * 0.0
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
 def _keys(raws: Sequence[bytes]) -> np.ndarray:
@@ -58,7 +114,7 @@ def _decode_files(batch: dict[str, Any], size: int, label_of: dict[str, int]) ->
 def _decode_rows(
     batch: dict[str, Any], size: int, image_column: str, label_column: str, index: dict[str, int]
 ) -> dict[str, Any]:
-    raws = [bytes(v.get("bytes") if isinstance(v, dict) else v) for v in batch[image_column]]
+    raws = [_row_bytes(v, image_column, i) for i, v in enumerate(batch[image_column])]
     images = [
         decode_image(raw, size, f"parquet row (column {image_column}, #{i})")
         for i, raw in enumerate(raws)
@@ -69,6 +125,14 @@ def _decode_rows(
         "label": np.asarray(labels, dtype=np.int64),
         "key": _keys(raws),
     }
+
+
+def _row_bytes(value: Any, image_column: str, i: int) -> bytes:
+    """A row's image bytes (plain or Ray/Hugging Face's {bytes: ...}); a null is named."""
+    raw = value.get("bytes") if isinstance(value, dict) else value
+    if raw is None:
+        raise ValueError(f"{CORRUPT_MARKER} parquet row (column {image_column}, #{i}): null image")
+    return bytes(raw)
 
 
 def augment_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

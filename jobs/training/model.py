@@ -8,7 +8,9 @@ they hold no state.
 
 Weights are `imagenet` (torchvision's weights API), `none`, or a file: a plain state_dict,
 or a tlctl `model/`, checkpoint or run prefix, whose manifest is checked before the bytes
-are unpickled (always with `weights_only=True`).
+are unpickled (always with `weights_only=True`). A weights file is looked at before it is
+read: one that is not a regular file (a FIFO, a device) or is over `MAX_WEIGHTS_BYTES` is
+refused without reading it.
 """
 
 from __future__ import annotations
@@ -19,11 +21,13 @@ import io
 import json
 import os
 import socket
+import stat
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
+import pyarrow.fs as pafs
 import torch
 import torchvision
 from torch import nn
@@ -31,7 +35,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from jobs.errors import TlctlError
 from jobs.storage.layout import MANIFEST, MODEL, WEIGHTS
-from jobs.storage.location import read_bytes, resolve
+from jobs.storage.location import describe_error, read_bytes, resolve
 from jobs.training.backbones import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -45,11 +49,46 @@ if TYPE_CHECKING:
 
 DOWNLOAD_TIMEOUT_S = 30.0  # per socket operation: an offline host fails instead of hanging
 FROZEN_ATTR = "_tlctl_frozen"  # set on every module of a frozen stage
+# The largest weights file read. The largest backbone tlctl supports (efficientnet_b7) has
+# a ~255 MB state_dict and even a checkpoint dict holding AdamW's state beside it is ~1 GB;
+# a file past 2 GiB is not weights for these backbones and is refused before it is read.
+MAX_WEIGHTS_BYTES = 2 * 1024**3
 
 
 def read_uri(uri: str, endpoint: str | None = None) -> bytes:
-    """Bytes of a local path or s3:// object (weights given as `backbone.weights`)."""
-    return read_bytes(resolve(uri, endpoint))
+    """Bytes of a local path or s3:// object (weights given as `backbone.weights`), after
+    checking that it is a regular file of a plausible size (`check_weights_file`)."""
+    loc = resolve(uri, endpoint)
+    try:
+        info = loc.fs.get_file_info(loc.path)
+    except OSError as exc:
+        raise describe_error(exc, loc) from exc
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(uri)
+    if info.type == pafs.FileType.Directory:
+        raise IsADirectoryError(uri)
+    kind = "file" if info.type == pafs.FileType.File else "not a regular file"
+    check_weights_file(uri, kind, info.size)
+    return read_bytes(loc)
+
+
+class WeightsRefused(TlctlError):
+    """A weights file refused unread: no other candidate location is tried after it."""
+
+
+def check_weights_file(uri: str, kind: str, size: int | None) -> None:
+    """Refuse a weights entry that is not a regular file, or too large to be one."""
+    if kind != "file":
+        raise WeightsRefused(
+            f"backbone.weights: {uri} is {kind}; it was not read "
+            "(valid: a regular .pt/.pth file, or a tlctl model/, checkpoint or run prefix)"
+        )
+    if size is not None and size > MAX_WEIGHTS_BYTES:
+        raise WeightsRefused(
+            f"backbone.weights: {uri} is {size:,} bytes, over the {MAX_WEIGHTS_BYTES:,}-byte "
+            "limit for a weights file (the largest supported backbone's is about 255 MB); "
+            "it was not read"
+        )
 
 
 def build_job_model(spec: JobSpec, num_classes: int) -> nn.Module:
@@ -234,7 +273,13 @@ def _candidates(uri: str) -> list[str]:
 
 
 def _read_local(path: str) -> bytes:
-    with open(path.removeprefix("file://"), "rb") as f:
+    local = path.removeprefix("file://")
+    st = os.stat(local)  # follows symlinks; FileNotFoundError tries the next candidate
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(local)
+    kind = "file" if stat.S_ISREG(st.st_mode) else "not a regular file"
+    check_weights_file(path, kind, st.st_size)
+    with open(local, "rb") as f:
         return f.read()
 
 
@@ -245,6 +290,8 @@ def _read_bytes(uri: str, load_bytes: Callable[[str], bytes] | None) -> tuple[st
     for candidate in candidates:
         try:
             data = read(candidate)
+        except WeightsRefused:  # not a regular file, or too large: no other candidate
+            raise
         except Exception as exc:  # the caller's reader may raise anything
             error = exc
             continue

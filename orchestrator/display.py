@@ -1,4 +1,12 @@
-"""Terminal rendering: live training progress, summaries and run tables (Rich)."""
+"""Terminal rendering: live training progress, summaries and run tables (Rich).
+
+On a terminal: live bars, a live trials table, boxed tables. When stdout is not a terminal
+(a pipe, a log file): one line per epoch or trial event, tables as plain aligned columns
+with one row per line, never wrapped or cut (as `kubectl get` and `ray job list` print), so
+`tlctl runs list | grep NAME` finds the whole name. Text that comes from the user or from
+storage (names, URIs, class names, errors) is escaped before Rich sees it: `[/]` in a run
+name is printed, never read as markup.
+"""
 
 from __future__ import annotations
 
@@ -8,17 +16,60 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
-from jobs.driver.progress import epoch_line
+from jobs.driver.progress import epoch_line, progress_line
 from jobs.driver.progress import num as _num
 from jobs.driver.progress import pct as _pct
 from jobs.spec.model import JobSpec
 from jobs.spec.search import SearchSpec
 
-console = Console(highlight=False)
-err_console = Console(stderr=True, highlight=False)
+
+class _Console(Console):
+    """A Console that never wraps a line when its output is not a terminal."""
+
+    @property  # type: ignore[override]
+    def soft_wrap(self) -> bool:
+        return self._soft_wrap or not self.is_terminal
+
+    @soft_wrap.setter
+    def soft_wrap(self, value: bool) -> None:
+        self._soft_wrap = value
+
+
+console = _Console(highlight=False)
+err_console = _Console(stderr=True, highlight=False)
+
+
+def show(table: Table) -> None:
+    """A table: boxed on a terminal; piped, plain columns, one row per line, never cut."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    heads = [_plain(c.header) for c in table.columns]
+    cells = [[_plain(cell) for cell in column.cells] for column in table.columns]
+    rows = [list(r) for r in zip(*cells, strict=True)] if cells else []
+    if table.show_header:
+        rows.insert(0, heads)
+    widths = [max((len(r[i]) for r in rows), default=0) for i in range(len(heads))]
+    if table.title:
+        typer.echo(_plain(table.title))
+    for row in rows:
+        parts = [
+            cell.rjust(w) if column.justify == "right" else cell.ljust(w)
+            for cell, w, column in zip(row, widths, table.columns, strict=True)
+        ]
+        typer.echo("  ".join(parts).rstrip())
+
+
+def _plain(cell: Any) -> str:
+    """A cell's text without its markup (cells are markup strings or Text)."""
+    if isinstance(cell, Text):
+        return cell.plain
+    return Text.from_markup(str(cell)).plain
 
 
 def emit_json(data: Any) -> None:
@@ -125,19 +176,30 @@ class SearchProgress:
 
         self.epochs, self.metric = epochs, metric
         self.trials: dict[str, dict[str, Any]] = {}
+        self.lines = not console.is_terminal  # piped: a line per trial epoch or status
         self.live = Live(self._table(), console=console, refresh_per_second=4)
 
     def __enter__(self) -> SearchProgress:
-        self.live.start()
+        if not self.lines:
+            self.live.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        if self.lines:
+            return
         self.live.update(self._table())
         self.live.stop()
         console.print()
 
     def update(self, item: dict[str, Any]) -> None:
         if not item.get("search"):
+            return
+        if self.lines:
+            row = self.trials.setdefault(item["trial_id"], {})
+            line = progress_line(item, self.epochs)
+            if line and line != row.get("printed"):
+                typer.echo(line)
+                row["printed"] = line
             return
         row = self.trials.setdefault(item["trial_id"], {"best": None})
         row.update({k: item[k] for k in _HYPER if k in item})
@@ -160,12 +222,12 @@ class SearchProgress:
         for trial_id, r in sorted(self.trials.items()):
             status = r.get("status") or "pending"
             table.add_row(
-                trial_id,
+                escape(trial_id),
                 *(_value(k, r.get(k)) for k in keys),
                 f"{r.get('epoch', 0)}/{self.epochs}",
                 fmt(r.get("last")),
                 fmt(r.get("best")),
-                f"[{_STATUS_STYLE.get(status, 'white')}]{status}[/]",
+                f"[{_STATUS_STYLE.get(status, 'white')}]{escape(status)}[/]",
             )
         return table
 
@@ -189,14 +251,14 @@ def start_line(prepared: Any, concurrency: int) -> str:
     uri = prepared.layout.uri
     if not search:
         return (
-            f"{verb} run [bold]{spec.name}[/]: {spec.backbone.name} (freeze_depth "
-            f"{spec.backbone.freeze_depth}), {data}, {workers} workers → {uri}"
+            f"{verb} run [bold]{escape(spec.name)}[/]: {spec.backbone.name} (freeze_depth "
+            f"{spec.backbone.freeze_depth}), {data}, {workers} workers → {escape(uri)}"
         )
     return (
-        f"{verb} search [bold]{spec.name}[/]: {spec.backbone.name}, "
+        f"{verb} search [bold]{escape(spec.name)}[/]: {spec.backbone.name}, "
         f"{search.trial_count()} trials over {', '.join(search.dimensions())} "
         f"({search.search_alg}, {search.scheduler}), {data}, {workers} worker"
-        f"{'s' if workers > 1 else ''} per trial, up to {concurrency} at once → {uri}"
+        f"{'s' if workers > 1 else ''} per trial, up to {concurrency} at once → {escape(uri)}"
     )
 
 
@@ -207,7 +269,8 @@ def already_complete(prepared: Any, *, json_out: bool) -> None:
         return
     console.print(
         f"run {name} is already complete at {prepared.layout.uri}: nothing submitted "
-        "(choose a new name to train again)"
+        "(choose a new name to train again)",
+        markup=False,
     )
 
 
@@ -218,15 +281,16 @@ def submitted(job_id: str, address: str, prepared: Any, *, json_out: bool) -> No
         return
     verb = "resumes" if prepared.resuming else "starts"
     console.print(
-        f"submitted job [bold]{job_id}[/] to {address}: run {name} {verb} → "
+        f"submitted job {job_id} to {address}: run {name} {verb} → "
         f"{prepared.layout.uri}\n  follow: tlctl jobs logs {job_id} --follow   "
         f"status: tlctl jobs status {job_id}   stop: tlctl jobs stop {job_id}",
         soft_wrap=True,
+        markup=False,
     )
 
 
 def print_summary(summary: dict[str, Any]) -> None:
-    table = Table(title=f"run {summary['run']}", show_header=False, title_justify="left")
+    table = Table(title=f"run {escape(summary['run'])}", show_header=False, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
     if summary.get("already_complete"):
@@ -238,16 +302,16 @@ def print_summary(summary: dict[str, Any]) -> None:
     if summary.get("search"):
         counts = ", ".join(f"{n} {s}" for s, n in sorted(summary["trial_status"].items()))
         table.add_row("trials", f"{summary['trials']} ({counts})")
-        table.add_row("best trial", str(summary["best_trial"]))
+        table.add_row("best trial", escape(str(summary["best_trial"])))
         values = summary.get("hyperparameters") or {}
         table.add_row("best values", ", ".join(f"{k}={_value(k, v)}" for k, v in values.items()))
         table.add_row("trial epochs", str(summary["trial_epochs"]))
-        table.add_row("trials table", summary["trials_uri"])
+        table.add_row("trials table", escape(summary["trials_uri"]))
     else:
         table.add_row("epochs", str(summary["epochs"]))
     table.add_row("wall time", f"{summary['wall_time_s']:.1f} s")
-    table.add_row("model", summary["model_uri"])
-    console.print(table)
+    table.add_row("model", escape(summary["model_uri"]))
+    show(table)
 
 
 def print_runs(records: list[dict[str, Any]]) -> None:
@@ -263,24 +327,24 @@ def print_runs(records: list[dict[str, Any]]) -> None:
         else:
             epochs = f"{r['epochs_done']}/{r['epochs']}"
         table.add_row(
-            r["name"] + (" (search)" if r.get("kind") == "search" else ""),
+            escape(r["name"]) + (" (search)" if r.get("kind") == "search" else ""),
             r["status"],
-            r["backbone"] or "-",
+            escape(r["backbone"] or "-"),
             str(r["freeze_depth"]),
             epochs,
             _pct(r["best_val_acc"]),
             _when(r["updated_at"]),
         )
-    console.print(table)
+    show(table)
 
 
 def print_run(r: dict[str, Any]) -> None:
-    head = Table(show_header=False, title=f"run {r['name']}", title_justify="left")
+    head = Table(show_header=False, title=f"run {escape(r['name'])}", title_justify="left")
     head.add_column(style="bold")
     head.add_column()
     head.add_row("status", r["status"])
     head.add_row("backbone", f"{r['backbone']} (freeze_depth {r['freeze_depth']})")
-    head.add_row("classes", ", ".join(r.get("classes") or []) or "-")
+    head.add_row("classes", escape(", ".join(r.get("classes") or []) or "-"))
     head.add_row(
         "best val acc",
         f"{_pct(r['best_val_acc'])} (epoch "
@@ -290,10 +354,10 @@ def print_run(r: dict[str, Any]) -> None:
         values = r.get("hyperparameters") or {}
         head.add_row(
             "best trial",
-            f"{r.get('best_trial') or '-'} "
+            escape(f"{r.get('best_trial') or '-'} ")
             + ", ".join(f"{k}={_value(k, v)}" for k, v in values.items()),
         )
-    head.add_row("best checkpoint", ((r.get("model") or {}).get("checkpoint")) or "-")
+    head.add_row("best checkpoint", escape(((r.get("model") or {}).get("checkpoint")) or "-"))
     workers = r.get("workers") or []
     if workers:
         nodes = {w.get("node_id") for w in workers}
@@ -303,9 +367,9 @@ def print_run(r: dict[str, Any]) -> None:
             + ", ".join(f"rank {w.get('rank')} on {str(w.get('node_id'))[:8]}" for w in workers)
             + ")",
         )
-    head.add_row("model", r["model_uri"] or "- (not exported yet)")
-    head.add_row("location", r["uri"])
-    console.print(head)
+    head.add_row("model", escape(r["model_uri"] or "- (not exported yet)"))
+    head.add_row("location", escape(r["uri"]))
+    show(head)
     if r.get("kind") == "search":
         print_trials(r)
         return
@@ -322,7 +386,7 @@ def print_run(r: dict[str, Any]) -> None:
             _num(m.get("images_per_s"), ".0f"),
             f"{_num(m.get('epoch_time_s'), '.1f')} s",
         )
-    console.print(table)
+    show(table)
     for e in r.get("events") or []:
         if e.get("event") == "workers":
             continue
@@ -371,14 +435,14 @@ def print_trials(r: dict[str, Any]) -> None:
         status = t.get("status") or "-"
         table.add_row(
             str(rank),
-            t["trial_id"],
+            escape(t["trial_id"]),
             *(_value(k, t.get(k)) for k in keys),
-            f"[{_STATUS_STYLE.get(status, 'white')}]{status}[/]",
+            f"[{_STATUS_STYLE.get(status, 'white')}]{escape(status)}[/]",
             f"{t.get('epochs_run')}/{r.get('epochs')}",
             fmt(t.get(f"best_{metric}")),
             _epoch(t.get("best_epoch")),
-            trial_checkpoint(t, metric, fmt),
+            escape(trial_checkpoint(t, metric, fmt)),
         )
     if not rows:
         console.print("no trials table yet (the search has not finished); metrics so far:")
-    console.print(table)
+    show(table)

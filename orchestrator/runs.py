@@ -79,8 +79,32 @@ def list_runs(storage: str, endpoint: str | None) -> list[dict[str, Any]]:
         names = list_dir(root) if exists(root) else []
     except OSError as exc:
         raise describe_error(exc, root) from exc
-    records = [run_record(RunLayout(root.join(n))) for n in names]
+    records = [_listed(RunLayout(root.join(n)), n) for n in names]
     return [r for r in records if r is not None]
+
+
+def _listed(layout: RunLayout, name: str) -> dict[str, Any] | None:
+    """A run's row; a run whose stored records do not read (an older tlctl, a foreign or
+    damaged object) is listed as unreadable with the reason, not a failure of the list."""
+    try:
+        return run_record(layout)
+    except (TlctlError, ValueError) as exc:
+        reason = exc.message if isinstance(exc, TlctlError) else str(exc)
+        return {
+            "name": name,
+            "kind": "train",
+            "status": f"unreadable ({' '.join(reason.split())[:120]})",
+            "backbone": None,
+            "freeze_depth": "-",
+            "epochs_done": 0,
+            "epochs": 0,
+            "best_val_acc": None,
+            "best_epoch": None,
+            "started_at": None,
+            "updated_at": None,
+            "model_uri": None,
+            "uri": layout.uri,
+        }
 
 
 def locate_run(storage: str, endpoint: str | None, name: str) -> RunLayout:

@@ -39,9 +39,10 @@ def jobs_list(
     json_out: JsonOpt = False,
 ) -> None:
     """tlctl's jobs on the cluster, newest first: id, run, status, start, duration."""
+    from rich.markup import escape
     from rich.table import Table
 
-    from orchestrator.display import console, emit_json
+    from orchestrator.display import console, emit_json, show
     from orchestrator.targets.jobs_api import connect, job_row, tlctl_jobs
 
     rows = [job_row(j) for j in reversed(tlctl_jobs(connect(address), run))]
@@ -56,14 +57,14 @@ def jobs_list(
         table.add_column(col, overflow="fold")  # ids are copied from here: never cut them
     for r in rows:
         table.add_row(
-            r["id"],
-            r["run"] or "-",
-            r["kind"] or "-",
-            r["status"],
+            escape(r["id"]),
+            escape(r["run"] or "-"),
+            escape(r["kind"] or "-"),
+            escape(r["status"]),
             _when(r["start"]),
             _duration(r["duration_s"]),
         )
-    console.print(table)
+    show(table)
 
 
 @jobs_app.command("status")

@@ -164,6 +164,26 @@ def _ray_binary() -> str:
     return found
 
 
+def write_token_file(path: Path, token: str) -> None:
+    """A fresh token file only this user can read: a new file (O_EXCL), mode 0600, never
+    written through a symlink or into a file someone else put there. A stale one of a
+    stopped cluster is removed first (unlink removes a symlink itself, not its target)."""
+    path.unlink(missing_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError as exc:
+        raise TlctlError(
+            f"{path}: appeared while tlctl was creating the cluster's token file; refusing to "
+            "write the token into a file it did not create (check who else writes there)"
+        ) from exc
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, token.encode())
+    finally:
+        os.close(fd)
+
+
 def _node_env(
     token_path: Path, extra: dict[str, str] | None, *, clean_aws: bool = False
 ) -> dict[str, str]:
@@ -220,9 +240,7 @@ def start_cluster(
         )
     directory.mkdir(parents=True, exist_ok=True)
     token_path = directory / TOKEN_FILE
-    fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_hex(32))
+    write_token_file(token_path, secrets.token_hex(32))
     temp_dir = _temp_dir(directory)
     shutil.rmtree(temp_dir, ignore_errors=True)
     taken: set[int] = set()

@@ -77,7 +77,19 @@ def run(spec_path: str, submitted_at: float | None, verbose: bool) -> dict[str, 
         on_progress=on_progress,
         submitted_at=submitted_at,
         ingest_cpus=INGEST_CPUS,
+        job=job_name(),
     )
+
+
+def job_name() -> str:
+    """This job as the run's lease names it: `Ray job <submission id>` under the Jobs API
+    (its job supervisor passes the job's metadata in RAY_JOB_CONFIG_JSON_ENV_VAR)."""
+    try:
+        config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+        submission = (config.get("metadata") or {}).get("job_submission_id")
+    except (ValueError, AttributeError):
+        submission = None
+    return f"Ray job {submission}" if submission else "a cluster job (python -m jobs.entrypoint)"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ from jobs.data.plan import DataPlan, plan_data
 from jobs.errors import TlctlError
 from jobs.spec.model import JobSpec
 from jobs.storage.layout import RunLayout, epoch_lines
+from jobs.storage.lease import check_free
 from jobs.storage.location import check_writable, exists, resolve
 from jobs.training.loop import WorkerJob
 from jobs.training.model import build_job_model, normalization
@@ -72,8 +73,20 @@ def preflight(spec: JobSpec, *, check_weights: bool = True) -> Prepared:
         # Builds the model once on the driver: checks that the weights load.
         build_job_model(spec, plan.num_classes)
     mean, std = normalization(spec.backbone.name, spec.backbone.weights)
+    # A run another job trains now is refused here, before Ray starts (read only: the job's
+    # driver takes the lease itself, jobs.driver.drive).
+    check_free(layout.lease, what=f"run '{spec.name}' at {layout.uri}")
     resuming, complete = _check_resume(spec, layout, plan.classes)
     return Prepared(spec, layout, plan, mean, std, resuming, complete)
+
+
+def recheck_resume(prepared: Prepared) -> Prepared:
+    """`prepared` with its resume state read again once the run's lease is held: another
+    job may have trained the run between this pre-flight and the lease."""
+    resuming, complete = _check_resume(prepared.spec, prepared.layout, prepared.plan.classes)
+    if (resuming, complete) == (prepared.resuming, prepared.complete):
+        return prepared
+    return prepared.replace(resuming=resuming, complete=complete)
 
 
 def _check_resume(spec: JobSpec, layout: RunLayout, classes: list[str]) -> tuple[bool, bool]:

@@ -12,20 +12,22 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from jobs.errors import TlctlError
+from jobs.redact import clip
 from jobs.spec.search import Metric, SearchSpec, search_errors
-from jobs.storage.location import normalize_endpoint
+from jobs.storage.location import normalize_endpoint, parse_uri
 from jobs.training.backbones import backbone_names, freeze_depth_error
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9\-_.]{0,62}$")
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9\-_.]{0,62}")  # always with fullmatch: no "name\n"
 PositiveInt = Annotated[int, Field(gt=0)]
 CPU_WORKERS = 2  # `num_workers: auto` without GPUs: two data-parallel CPU workers
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf/nan pass every `ge`/`gt` bound (storage_retry_s: inf would wait forever).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 def _endpoint(value: str | None, field: str) -> str | None:
@@ -36,6 +38,18 @@ def _endpoint(value: str | None, field: str) -> str | None:
         return normalize_endpoint(value, field)
     except TlctlError as exc:
         raise ValueError(exc.message.removeprefix(f"{field}: ")) from exc
+
+
+def _location(value: str | None, field: str) -> str | None:
+    """A URI/path field, checked by the one rule storage resolves locations with (the value
+    stays as written: relative paths are made absolute when the spec is resolved)."""
+    if value is None:
+        return None
+    try:
+        parse_uri(value, field, bucket_names=False)  # bucket names: checked in pre-flight
+    except TlctlError as exc:
+        raise ValueError(exc.message.removeprefix(f"{field}: ")) from exc
+    return value.strip()
 
 
 class BackboneSpec(_Section):
@@ -77,7 +91,9 @@ class BackboneSpec(_Section):
     def _weights(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("empty (valid: imagenet, none, a local path or s3:// URI)")
-        return v
+        if v.strip() in ("imagenet", "none"):
+            return v.strip()
+        return _location(v, "backbone.weights") or v
 
 
 class HeadSpec(_Section):
@@ -121,6 +137,11 @@ class DataSpec(_Section):
     def _endpoint(cls, v: str | None) -> str | None:
         return _endpoint(v, "data.endpoint")
 
+    @field_validator("train", "val")
+    @classmethod
+    def _location(cls, v: str | None, info: ValidationInfo) -> str | None:
+        return _location(v, f"data.{info.field_name}")
+
 
 class TrainSpec(_Section):
     """The optimization: epochs, batch, optimizer and schedule."""
@@ -163,7 +184,7 @@ class ScalingSpec(_Section):
         if isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 4096:
             return v
         raise ValueError(
-            f"{v!r} is not allowed (valid: auto = one worker per GPU with use_gpu, else "
+            f"{clip(v)} is not allowed (valid: auto = one worker per GPU with use_gpu, else "
             f"{CPU_WORKERS}; or 1..4096)"
         )
 
@@ -188,6 +209,11 @@ class StorageSpec(_Section):
     @classmethod
     def _endpoint(cls, v: str | None) -> str | None:
         return _endpoint(v, "storage.endpoint")
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        return _location(v, "storage.uri") or v
 
 
 class CheckpointSpec(_Section):
@@ -242,9 +268,9 @@ class JobSpec(_Section):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not NAME_RE.match(v) or ".." in v:
+        if not NAME_RE.fullmatch(v) or ".." in v:
             raise ValueError(
-                f"'{v}' is not a valid run name (valid: 1-63 chars of a-z 0-9 - _ . "
+                f"{clip(v)} is not a valid run name (valid: 1-63 chars of a-z 0-9 - _ . "
                 "starting with a letter or digit; it becomes a storage key)"
             )
         return v

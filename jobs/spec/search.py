@@ -17,6 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from jobs.errors import TlctlError
+from jobs.redact import clip, clip_text
 from jobs.training.backbones import freeze_depth_error, get_backbone
 
 MAX_GRID_TRIALS = 1000  # a larger grid runs only with allow_large_grid (`--yes`)
@@ -44,13 +45,13 @@ def _as_float(value: Any) -> float:
     except (TypeError, ValueError):
         number = math.nan
     if not math.isfinite(number):
-        raise ValueError(f"{value!r} is not a number")
+        raise ValueError(f"{clip(value)} is not a number")
     return number
 
 
 def _as_int(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{value!r} is not an integer")
+        raise ValueError(f"{clip(value)} is not an integer")
     return value
 
 
@@ -68,6 +69,12 @@ def _in_range(low: float, high: float | None, *, low_open: bool = False) -> Call
     return check
 
 
+def _listed(values: list[Any], limit: int = 8) -> str:
+    """Values for a message: the first `limit` of them, each clipped (a list can be long)."""
+    shown = ", ".join(f"{v:g}" if isinstance(v, float) else clip_text(v) for v in values[:limit])
+    return shown + (f", … ({len(values)} in all)" if len(values) > limit else "")
+
+
 def _forms(kinds: tuple[str, ...]) -> str:
     return " or ".join(["a list of choices", *(f"{{{k}: [lo, hi]}}" for k in kinds)])
 
@@ -80,7 +87,7 @@ def _dimension(value: Any, kinds: tuple[str, ...], cast: Callable, check: Callab
         return _choice_list(value, kinds, cast, check)
     if isinstance(value, dict):
         return _bounds(value, kinds, cast, check)
-    raise ValueError(f"{value!r} is not allowed (valid: {_forms(kinds)})")
+    raise ValueError(f"{clip(value)} is not allowed (valid: {_forms(kinds)})")
 
 
 def _choice_list(value: list, kinds: tuple[str, ...], cast: Callable, check: Callable) -> list:
@@ -89,18 +96,18 @@ def _choice_list(value: list, kinds: tuple[str, ...], cast: Callable, check: Cal
     items = [check(cast(v)) for v in value]
     dupes = sorted({v for v in items if items.count(v) > 1})
     if dupes:
-        raise ValueError(f"{', '.join(map(str, dupes))} listed twice (each choice runs once)")
+        raise ValueError(f"{_listed(dupes)} listed twice (each choice runs once)")
     return items
 
 
 def _bounds(value: dict, kinds: tuple[str, ...], cast: Callable, check: Callable) -> dict:
     kind = next(iter(value), None)
     if len(value) != 1 or kind not in kinds:
-        got = ", ".join(map(str, value)) or "{}"
+        got = _listed(list(value)) or "{}"
         raise ValueError(f"{{{got}: …}} is not allowed (valid: {_forms(kinds)})")
     pair = value[kind]
     if not isinstance(pair, list) or len(pair) != 2:
-        raise ValueError(f"{kind} needs [lo, hi] (got {pair!r})")
+        raise ValueError(f"{kind} needs [lo, hi] (got {clip(pair)})")
     lo, hi = (cast(v) for v in pair)
     if kind == "loguniform" and lo <= 0:
         raise ValueError(f"loguniform lo must be > 0 (got {lo:g})")
@@ -113,7 +120,7 @@ def concurrency_error(value: Any) -> str | None:
     """The one rule for `search.max_concurrent_trials`: auto or an int >= 1."""
     if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
         return None
-    return f"{value!r} is not allowed (valid: auto, an integer >= 1)"
+    return f"{clip(value)} is not allowed (valid: auto, an integer >= 1)"
 
 
 def _optuna_installed() -> bool:
@@ -127,7 +134,7 @@ def _optuna_installed() -> bool:
 class SearchSpec(BaseModel):
     """A Ray Tune search: each trial is an ordinary job with the sampled values written in."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     freeze_depth: IntDimension | None = Field(
         None,
@@ -202,8 +209,9 @@ class SearchSpec(BaseModel):
         return {key: getattr(self, key) for key in DIMENSIONS if getattr(self, key) is not None}
 
     def grid_size(self) -> int:
-        """Number of combinations of the grid, computed without enumerating it."""
-        return math.prod(len(choices(k, v)) for k, v in self.dimensions().items())
+        """Number of combinations of the grid, computed without enumerating it (a range of
+        10**12 ints is counted, never built)."""
+        return math.prod(choice_count(k, v) for k, v in self.dimensions().items())
 
     def grid_combinations(self) -> list[dict[str, Any]]:
         """Every combination in a fixed order: the last dimension varies fastest."""
@@ -220,6 +228,17 @@ class SearchSpec(BaseModel):
 def distribution(value: Any) -> str | None:
     """`range`, `loguniform` or `uniform` for `{kind: [lo, hi]}`; None for a list of choices."""
     return next(iter(value)) if isinstance(value, dict) else None
+
+
+def choice_count(key: str, value: Any) -> int:
+    """len(choices(key, value)), by arithmetic."""
+    kind = distribution(value)
+    if kind is None:
+        return len(value)
+    if kind == "range":
+        lo, hi = value["range"]
+        return max(hi - lo + 1, 0)
+    raise TlctlError(f"search.{key}: search_alg grid needs a list of choices, not {kind}")
 
 
 def choices(key: str, value: Any) -> list[Any]:
@@ -264,7 +283,7 @@ def _freeze_depth_errors(backbone: str, dimension: Any) -> list[str]:
     if not bad:
         return []
     return [
-        f"search.freeze_depth: {', '.join(map(str, bad))} "
+        f"search.freeze_depth: {_listed(bad)} "
         f"{'is' if len(bad) == 1 else 'are'} out of range for {backbone} "
         f"(valid: 0..{get_backbone(backbone).num_stages})"
     ]

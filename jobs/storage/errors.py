@@ -9,11 +9,11 @@ CamelCase codes for the same conditions.
 
 from __future__ import annotations
 
-import os
 import re
 from typing import ClassVar
 
 from jobs.errors import TlctlError
+from jobs.redact import redact
 
 
 class StorageError(TlctlError):
@@ -117,9 +117,5 @@ def as_storage_error(exc: BaseException) -> StorageError | None:
 
 
 def scrub(text: str) -> str:
-    """Remove secret values from a message in case a backend ever echoes them."""
-    for name in ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
-        secret = os.environ.get(name)
-        if secret and len(secret) >= 4:
-            text = text.replace(secret, "***")
-    return text
+    """Remove secrets from a backend's message in case it ever echoes them."""
+    return redact(text)

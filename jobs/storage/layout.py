@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from jobs.errors import TlctlError
 from jobs.storage.location import Location, exists, list_dir, read_bytes, read_text, resolve
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ MODEL = "model"
 TUNE = "tune"
 TRIALS = "trials"
 TRIALS_TABLE = "trials.parquet"
+LEASE = "lease.json"
 # Files of a checkpoint directory and of model/.
 WEIGHTS = "model.pt"
 STATE = "state.pt"
@@ -66,9 +68,34 @@ LAYOUT: tuple[tuple[str, str], ...] = (
         f"a search: each trial laid out like a run ({CHECKPOINTS}/, {METRICS})",
     ),
     (TRIALS_TABLE, "a search: one row per trial (values, best metric, epochs, status, checkpoint)"),
+    (
+        LEASE,
+        "while a job trains the run: its holder (host, pid, job) and heartbeat; another "
+        "submit is refused until the heartbeat is older than its TTL (60 s, or "
+        "TLCTL_LEASE_TTL_S), then takes it over; removed when the job ends",
+    ),
 )
 
 _CHECKPOINT_DIR = re.compile(r"^epoch-(\d{4,})(?:-r(\d+))?$")
+
+
+def _plain_scalar(f: Any) -> bool:
+    """Whether a pyarrow field has a type a tlctl trials.parquet holds: a plain scalar, not
+    an extension type (registered in this process, or only named in the field metadata)."""
+    import pyarrow as pa
+    import pyarrow.types as types
+
+    if isinstance(f.type, pa.BaseExtensionType) or b"ARROW:extension:name" in (f.metadata or {}):
+        return False
+    checks = (types.is_string, types.is_large_string, types.is_integer, types.is_floating)
+    return any(c(f.type) for c in (*checks, types.is_boolean, types.is_null))
+
+
+def _field_type(f: Any) -> str:
+    """A pyarrow field's type, with the extension name an unregistered type only keeps in
+    its metadata."""
+    name = (f.metadata or {}).get(b"ARROW:extension:name")
+    return f"extension<{name.decode(errors='replace')}> ({f.type})" if name else str(f.type)
 
 
 def layout_tree(width: int = 92) -> str:
@@ -137,6 +164,10 @@ class RunLayout:
         return self.model.join(MODEL_INFO)
 
     @property
+    def lease(self) -> Location:
+        return self.root.join(LEASE)
+
+    @property
     def tune(self) -> Location:
         return self.root.join(TUNE)
 
@@ -186,12 +217,30 @@ class RunLayout:
         return [json.loads(read_text(self.event(name))) for name in names]
 
     def read_trials_table(self) -> list[dict[str, Any]]:
-        """trials.parquet as rows ([] before the search has finished)."""
+        """trials.parquet as rows ([] before the search has finished).
+
+        tlctl writes only plain scalar columns; any other type (an extension type such as
+        Ray's pickled objects, whose values unpickle when read, lists, structs) is refused
+        from the schema, before one value is read.
+        """
         import pyarrow.parquet as pq
 
         if not exists(self.trials_table):
             return []
-        return pq.read_table(io.BytesIO(read_bytes(self.trials_table))).to_pylist()
+        data = read_bytes(self.trials_table)
+        where = self.trials_table.uri
+        try:
+            schema = pq.read_schema(io.BytesIO(data))
+        except Exception as exc:  # any parquet failure: not a table tlctl wrote
+            raise TlctlError(f"{where}: {TRIALS_TABLE} is not one tlctl wrote ({exc})") from exc
+        for f in schema:
+            if not _plain_scalar(f):
+                raise TlctlError(
+                    f"{where}: {TRIALS_TABLE} is not one tlctl wrote: column '{f.name}' has "
+                    f"type {_field_type(f)} (tlctl writes only string, integer, float, bool "
+                    "and null columns)"
+                )
+        return pq.read_table(io.BytesIO(data)).to_pylist()
 
     def checkpoint_dirs(self) -> list[tuple[int, Location]]:
         """(epoch, location) of every checkpoint dir, newest first (of one epoch's dirs, the

@@ -19,11 +19,12 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import pyarrow.fs as pafs
 
 from jobs.errors import TlctlError
+from jobs.redact import clip, clip_text
 from jobs.storage import errors
 from jobs.storage.credentials import adopt_shipped_credentials
 
@@ -34,9 +35,9 @@ REQUEST_TIMEOUT_S = 10.0
 MAX_ATTEMPTS = 3
 DEFAULT_REGION = "us-east-1"
 
-_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):(/.*)?$")
-_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-_IPV4_RE = re.compile(r"^\d{1,3}(\.\d{1,3}){3}$")
+_SCHEME_RE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*):")
+_BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_IPV4_RE = re.compile(r"\d{1,3}(\.\d{1,3}){3}")
 _VALID_FORMS = "s3://bucket/prefix, a local path, or file:///absolute/path"
 
 _FS_CACHE: dict[tuple[str, str | None, str | None], pafs.FileSystem] = {}
@@ -76,66 +77,136 @@ class Location:
 # --- parsing and resolving ---------------------------------------------------------------
 
 
-def parse_uri(uri: str) -> tuple[str, str]:
-    """Split a storage URI into ("s3", "bucket/key") or ("file", "/abs/path")."""
+def parse_uri(
+    uri: str, field: str = "storage.uri", *, bucket_names: bool = True
+) -> tuple[str, str]:
+    """Split a storage URI into ("s3", "bucket/key") or ("file", "/abs/path").
+
+    The one rule for every URI field (storage.uri, data.train, data.val, a weights URI,
+    --storage); `field` names the one in messages. Anything that looks like `scheme:` is read
+    as a scheme, so `s3:bucket/x` is an error, not a local directory named `s3:`.
+    `bucket_names` False leaves S3's bucket naming rules to the resolve before use.
+    """
     text = (uri or "").strip()
     if not text:
-        raise TlctlError(f"storage.uri: empty; use {_VALID_FORMS}")
+        raise TlctlError(f"{field}: empty (valid: {_VALID_FORMS})")
     match = _SCHEME_RE.match(text)
     if match is None:
         return "file", os.path.abspath(os.path.expanduser(text))
     scheme = match.group(1).lower()
     if scheme == "s3":
-        return "s3", _s3_path(text)
+        return "s3", _s3_path(text, field, bucket_names)
     if scheme == "file":
-        return "file", _file_path(text)
+        return "file", _file_path(text, field)
+    hint = "" if "://" in text else f"; for a local path write ./{clip_text(text, 40)}"
     raise TlctlError(
-        f"storage.uri: unsupported scheme '{scheme}://' in '{text}'; use {_VALID_FORMS}"
+        f"{field}: unsupported scheme '{clip_text(scheme, 20)}://' in {clip(text)} "
+        f"(valid: {_VALID_FORMS}{hint})"
     )
 
 
-def _s3_path(uri: str) -> str:
+def is_remote_safe(uri: str) -> bool:
+    """True for a URI every node of a remote cluster reads the same (s3://); False for a
+    local path or file:// URI, which names a file on one machine only."""
+    try:
+        return parse_uri(uri)[0] == "s3"
+    except TlctlError:
+        return False
+
+
+def _s3_path(uri: str, field: str, bucket_names: bool = True) -> str:
     """'bucket/key' from 's3://bucket/key', with the bucket name checked up front."""
     if not uri[3:].startswith("//"):
-        raise TlctlError(f"storage.uri: malformed '{uri}'; expected s3://bucket/prefix")
-    segments = _segments(uri[5:], uri)
-    if not segments:
-        raise TlctlError(f"storage.uri: '{uri}' has no bucket; e.g. s3://tlctl/runs")
-    _check_bucket_name(segments[0], uri)
+        raise TlctlError(f"{field}: malformed {clip(uri)} (valid: s3://bucket/prefix)")
+    rest = uri[5:]
+    if "@" in rest.split("/", 1)[0]:
+        # Never echo it: the user put credentials into the URI.
+        raise TlctlError(
+            f"{field}: must not contain credentials (user:password@); they come from the AWS "
+            "credential chain (valid: s3://bucket/prefix)"
+        )
+    if rest.startswith("/") or not rest.strip("/"):
+        raise TlctlError(
+            f"{field}: {clip(uri)} has no bucket (valid: s3://bucket/prefix, e.g. s3://tlctl/runs)"
+        )
+    segments = _segments(rest, uri, field)
+    if bucket_names:
+        _check_bucket_name(segments[0], uri, field)
     return "/".join(segments)
 
 
-def _file_path(uri: str) -> str:
+def _file_path(uri: str, field: str) -> str:
     parts = urlsplit(uri)
     if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
-        raise TlctlError(f"storage.uri: '{uri}' is not a local file URI; use file:///absolute/path")
+        raise TlctlError(
+            f"{field}: {clip(uri)} is not a local file URI (valid: file:///absolute/path)"
+        )
     return os.path.normpath(parts.path)
 
 
-def _segments(path: str, uri: str) -> list[str]:
+def _segments(path: str, uri: str, field: str = "storage.uri") -> list[str]:
     """Non-empty path segments; '.' and '..' are refused because S3 keys take them literally."""
     segments = [s for s in path.split("/") if s]
     if any(s in (".", "..") for s in segments):
-        raise TlctlError(f"storage.uri: '.' and '..' are not allowed in '{uri}'")
+        raise TlctlError(f"{field}: '.' and '..' are not allowed in {clip(uri)}")
     return segments
 
 
-def _check_bucket_name(bucket: str, uri: str) -> None:
-    if _BUCKET_RE.match(bucket) and not _IPV4_RE.match(bucket) and ".." not in bucket:
+def _check_bucket_name(bucket: str, uri: str, field: str) -> None:
+    if _BUCKET_RE.fullmatch(bucket) and not _IPV4_RE.fullmatch(bucket) and ".." not in bucket:
         return
     raise TlctlError(
-        f"storage.uri: invalid bucket name '{bucket}' in '{uri}': S3 bucket names are 3-63 "
+        f"{field}: invalid bucket name {clip(bucket)} in {clip(uri)}: S3 bucket names are 3-63 "
         "lowercase letters, digits, '.' and '-', starting and ending with a letter or digit"
     )
 
 
-def resolve(uri: str, endpoint: str | None = None) -> Location:
+def resolve(
+    uri: str,
+    endpoint: str | None = None,
+    *,
+    field: str = "storage.uri",
+    endpoint_field: str = "storage.endpoint",
+) -> Location:
     """The filesystem and path for `uri`; `endpoint` (S3 only) selects a non-AWS server."""
-    scheme, path = parse_uri(uri)
+    scheme, path = parse_uri(uri, field)
     if scheme == "file":
         return Location(fs=pafs.LocalFileSystem(), path=path, uri=path, endpoint=None)
-    canonical = normalize_endpoint(endpoint) if endpoint else None
+    canonical = normalize_endpoint(endpoint, endpoint_field) if endpoint else None
     return Location(fs=_s3_filesystem(canonical), path=path, uri=f"s3://{path}", endpoint=canonical)
+
+
+def http_url(text: str, field: str, *, example: str, path_ok: bool = False) -> SplitResult:
+    """`text` split as an http(s)://host[:port] URL, or a TlctlError naming `field`.
+
+    The one rule for every endpoint and address (storage.endpoint, data.endpoint,
+    AWS_ENDPOINT_URL(_S3), --endpoint, --address): a scheme, a host, a numeric port in
+    1..65535, no credentials and (unless `path_ok`) no path. Credentials are never echoed.
+    """
+    value = (text or "").strip()
+    if not value:
+        raise TlctlError(f"{field}: empty (it must be http(s)://host:port, e.g. {example})")
+    # Before any parsing: `KEY:SECRET@host` has no scheme, so urlsplit finds no netloc in it.
+    if "@" in re.split(r"[/?#]", value.partition("://")[2] or value, maxsplit=1)[0]:
+        raise TlctlError(
+            f"{field}: must not contain credentials (user:password@); they come from the "
+            f"AWS credential chain or the Ray token (valid: http(s)://host:port, e.g. {example})"
+        )
+    shown, valid = clip(value), f"it must be http(s)://host:port, e.g. {example}"
+    if "://" not in value:
+        raise TlctlError(f"{field}: {shown} has no scheme ({valid})")
+    parts = urlsplit(value)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise TlctlError(f"{field}: {shown} is not an http(s)://host[:port] URL ({valid})")
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if port is not None and not 1 <= port <= 65535 or parts.netloc.endswith(":"):
+        raise TlctlError(f"{field}: {shown} has an invalid port (valid: 1..65535; {valid})")
+    if parts.query or parts.fragment or (not path_ok and parts.path not in ("", "/")):
+        raise TlctlError(f"{field}: {shown} must not have a path ({valid})")
+    return parts
 
 
 def normalize_endpoint(endpoint: str, field: str = "storage.endpoint") -> str:
@@ -143,18 +214,8 @@ def normalize_endpoint(endpoint: str, field: str = "storage.endpoint") -> str:
 
     The one rule for endpoint shape: the spec's endpoint fields validate with it too.
     """
-    parts = urlsplit(endpoint.strip())
-    if "@" in parts.netloc:
-        # Never echo it: the user put credentials into the URL.
-        raise TlctlError(f"{field}: must not contain credentials; use the AWS credential chain")
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise TlctlError(
-            f"{field}: '{endpoint}' is not an http(s)://host[:port] URL (it must be "
-            "http(s)://host:port, e.g. http://127.0.0.1:9000)"
-        )
-    if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise TlctlError(f"{field}: '{endpoint}' must not have a path; use http(s)://host:port")
-    return f"{parts.scheme}://{parts.netloc}"
+    parts = http_url(endpoint, field, example="http://127.0.0.1:9000")
+    return f"{parts.scheme.lower()}://{parts.netloc}"
 
 
 def _region(endpoint: str | None) -> str | None:
@@ -308,9 +369,11 @@ def delete_tree(loc: Location) -> None:
 def check_writable(loc: Location) -> None:
     """Fail now, with a clear message, if a run could not write its results to `loc`.
 
-    Like a local directory, a new S3 prefix exists afterwards: pyarrow keeps an empty
-    "prefix/" marker object when it deletes the probe (the same happens to the parent of
-    anything `delete_tree` removes).
+    The probe leaves nothing behind on S3, so a job refused later in pre-flight leaves no
+    trace: pyarrow's delete_file would put an empty "prefix/" marker object in place of a
+    parent it empties, so the probe is deleted with a plain S3 DeleteObject, and the
+    prefixes that held nothing before are removed as well (servers with real directories,
+    like SeaweedFS, keep them otherwise). A local directory is created, as a run needs it.
     """
     if loc.is_s3:
         _check_s3_writable(loc)
@@ -323,11 +386,50 @@ def _check_s3_writable(loc: Location) -> None:
         raise _missing_bucket(loc)
     probe = loc.join(f".tlctl-write-probe-{uuid.uuid4().hex}")
     try:
+        new_prefixes = _empty_prefixes(loc)
         with loc.fs.open_output_stream(probe.path) as stream:
             stream.write(b"tlctl write probe\n")
-        loc.fs.delete_file(probe.path)
     except OSError as exc:
         raise describe_error(exc, loc) from exc
+    try:
+        _delete_keys(probe, [probe.path.partition("/")[2], *new_prefixes])
+    except Exception:  # botocore's own errors: fall back to pyarrow (which leaves a marker)
+        try:
+            loc.fs.delete_file(probe.path)
+        except OSError as exc:
+            raise describe_error(exc, loc) from exc
+
+
+def _empty_prefixes(loc: Location) -> list[str]:
+    """The "prefix/" keys of `loc` and its parents that hold nothing yet, deepest first."""
+    bucket, _, key = loc.path.partition("/")
+    parts = key.split("/") if key else []
+    empty = []
+    while parts and loc.fs.get_file_info("/".join([bucket, *parts])).type == pafs.FileType.NotFound:
+        empty.append("/".join(parts) + "/")
+        parts.pop()
+    return empty
+
+
+def _delete_keys(loc: Location, keys: list[str]) -> None:
+    """S3 DeleteObject of `keys` in `loc`'s bucket, in order, through boto3 with the same
+    endpoint, region, credential chain and bounded timeouts as pyarrow's filesystem. It
+    never creates "directory" markers, and a "prefix/" key that still has objects under it
+    keeps them (S3 deletes exactly one key)."""
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        connect_timeout=CONNECT_TIMEOUT_S,
+        read_timeout=REQUEST_TIMEOUT_S,
+        retries={"max_attempts": MAX_ATTEMPTS, "mode": "standard"},
+        s3={"addressing_style": "path"} if loc.endpoint else None,
+    )
+    client = boto3.session.Session().client(
+        "s3", endpoint_url=loc.endpoint, region_name=_region(loc.endpoint), config=config
+    )
+    for key in keys:
+        client.delete_object(Bucket=loc.bucket, Key=key)
 
 
 def _bucket_exists(loc: Location) -> bool | None:

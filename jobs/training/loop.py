@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from jobs.redact import redact_data
 from jobs.spec.model import JobSpec
 from jobs.storage.layout import RunLayout, checkpoint_name
 from jobs.storage.location import foreground_fs
@@ -248,7 +249,7 @@ def checkpoint_and_report(worker: Worker, epoch: int, metrics: dict[str, Any]) -
             "epoch": epoch,
             "metrics": metrics,
             "classes": job.classes,
-            "spec": spec.model_dump(mode="json"),
+            "spec": redact_data(spec.model_dump(mode="json")),  # as the stored spec.yaml
             "mean": list(job.mean),
             "std": list(job.std),
         }

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ray.train import UserCallback
+from ray.train.v2._internal.execution.callback import ControllerCallback
 
 from jobs.errors import root_cause
 from jobs.storage.layout import CHECKPOINTS, RunLayout
@@ -20,9 +20,17 @@ from jobs.training.loop import WorkerJob, train_loop_per_worker
 CAUSE_CHARS = 500
 
 
-class FailureLog(UserCallback):
+class FailureLog(ControllerCallback):
     """Runs in Ray Train's controller: a `worker_failure` event (failed ranks, the cause as
-    the error's last line, the time) for every failure of the worker group.
+    the error's last line, the phase, the time) for every failure of the worker group.
+
+    Every restart, whatever the phase: Ray Train 2.60 calls `UserCallback.after_exception`
+    only for errors found by polling a *running* group; a worker that dies while the group
+    is still starting raises out of the controller's scheduling step, which its failure
+    policy retries (ReschedulingState) without that hook. So this is a ControllerCallback
+    on the controller's state changes: each move into RestartingState (a running group
+    failed), ReschedulingState (the group failed to start) or ErroredState (no retries
+    left) is one failure, recorded once.
 
     The controller is not the writer of `metrics.jsonl` (rank 0 may still be writing it
     when another rank dies), so the event is an object of its own under `events/`; the
@@ -36,17 +44,46 @@ class FailureLog(UserCallback):
         self.tags = dict(tags)
         self.window_s = window_s
 
-    def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
+    def after_controller_state_update(self, previous_state, current_state) -> None:
+        from ray.train.v2._internal.execution.controller.state import (
+            ErroredState,
+            ReschedulingState,
+            RestartingState,
+        )
+
+        phases = {RestartingState: "training", ReschedulingState: "starting"}
+        if isinstance(current_state, ErroredState):
+            phase = "final"
+        else:
+            phase = phases.get(type(current_state))
+        error = getattr(current_state, "training_failed_error", None)
+        if phase is None or error is None:
+            return
+        failures = dict(getattr(error, "worker_failures", None) or {})
+        if failures:
+            self.after_exception(None, failures, phase=phase)
+        else:  # the group failed to start, or the controller itself failed
+            cause = getattr(error, "controller_failure", None) or error
+            self.record([], cause, phase)
+
+    def after_exception(
+        self, run_context, worker_exceptions: dict[int, Exception], *, phase: str = "training"
+    ) -> None:
+        """A failure of these ranks (also callable on its own, e.g. by a test)."""
         if not worker_exceptions:
             return
         ranks = sorted(worker_exceptions)
+        self.record(ranks, worker_exceptions[ranks[0]], phase)
+
+    def record(self, ranks: list[int], cause: BaseException, phase: str) -> None:
         post_event(
             RunLayout.at(self.run_uri, self.endpoint),
             "worker_failure",
             window_s=self.window_s,
             **self.tags,
             ranks=ranks,
-            cause=root_cause(worker_exceptions[ranks[0]])[:CAUSE_CHARS],
+            phase=phase,
+            cause=root_cause(cause)[:CAUSE_CHARS],
         )
 
 

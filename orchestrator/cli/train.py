@@ -12,6 +12,7 @@ import typer
 from jobs.errors import TlctlError
 from orchestrator.cli.common import AddressOpt, EndpointOpt, JsonOpt, StorageOpt, YesOpt, guarded
 from orchestrator.targets.base import SubmitOptions, Target
+from orchestrator.targets.jobs_api import DEFAULT_CONNECT_TIMEOUT_S
 
 LocalOpt = Annotated[bool, typer.Option("--local", help="Run on an embedded local Ray.")]
 WaitOpt = Annotated[bool, typer.Option("--wait", help="Cluster: show progress until the job ends.")]
@@ -23,13 +24,24 @@ PassCredentialsOpt = Annotated[
     ),
 ]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray's logs.")]
+ConnectTimeoutOpt = Annotated[
+    float,
+    typer.Option(
+        "--connect-timeout",
+        min=0,
+        help="Cluster: seconds to wait for a head that is still starting (its Jobs API "
+        "refusing connections or answering 'No available agent', 502/503/504).",
+    ),
+]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a spec field: key.path=value (repeatable)."),
 ]
 
 
-def target_for(*, local: bool, address: str | None) -> Target:
+def target_for(
+    *, local: bool, address: str | None, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
+) -> Target:
     """`--local`, or the cluster at `--address` / RAY_ADDRESS: chosen once, here."""
     if local and address and "RAY_ADDRESS" not in os.environ:
         raise TlctlError("--local and --address: choose one (this machine, or a cluster)")
@@ -39,7 +51,7 @@ def target_for(*, local: bool, address: str | None) -> Target:
         return LocalTarget()
     from orchestrator.targets.cluster import ClusterTarget
 
-    return ClusterTarget(address)
+    return ClusterTarget(address, connect_timeout_s)
 
 
 @guarded
@@ -67,6 +79,7 @@ def submit(
     verbose: VerboseOpt = False,
     yes: YesOpt = False,
     json_out: JsonOpt = False,
+    connect_timeout: ConnectTimeoutOpt = DEFAULT_CONNECT_TIMEOUT_S,
 ) -> None:
     """Validate, pre-flight, then train or resume: --local here, or on a Ray cluster (--address)."""
     from jobs.spec.load import load_spec
@@ -81,7 +94,7 @@ def submit(
         driver_cpus=driver_cpus,
         driver_memory_mb=driver_memory_mb,
     )
-    target = target_for(local=local, address=address)
+    target = target_for(local=local, address=address, connect_timeout_s=connect_timeout)
     job = load_spec(spec, set_ or [], local=target.local, allow_large_grid=yes)
     raise typer.Exit(target.submit(job, options))
 
@@ -97,13 +110,12 @@ def resume(
     pass_credentials: PassCredentialsOpt = False,
     verbose: VerboseOpt = False,
     json_out: JsonOpt = False,
+    connect_timeout: ConnectTimeoutOpt = DEFAULT_CONNECT_TIMEOUT_S,
 ) -> None:
     """Resume a run from its stored spec alone (after a lost driver or a Ctrl-C).
 
     Same as submitting that spec again: training goes on from the newest verified checkpoint."""
-    import yaml
-
-    from jobs.spec.load import parse_spec
+    from jobs.spec.load import load_yaml, parse_spec
     from jobs.storage.layout import RunLayout
     from jobs.storage.location import read_text, resolve
 
@@ -114,14 +126,14 @@ def resume(
         wait=wait,
         pass_credentials=pass_credentials,
     )
-    target = target_for(local=local, address=address)
+    target = target_for(local=local, address=address, connect_timeout_s=connect_timeout)
     layout = RunLayout(resolve(storage, endpoint).join(name))
     if not layout.has_spec():
         raise TlctlError(
             f"run '{name}' has no stored spec at {layout.spec.uri} "
             "(`tlctl runs list` shows the runs)"
         )
-    raw = yaml.safe_load(read_text(layout.spec))
+    raw = load_yaml(read_text(layout.spec))  # the same safe loader as a spec file
     # The stored spec was accepted once already (a large grid too).
     job = parse_spec(raw, local=target.local, allow_large_grid=True)
     raise typer.Exit(target.submit(job, options))

@@ -29,14 +29,17 @@ import jobs
 from jobs.driver.cluster_job import ERROR_PREFIX, SUMMARY_PREFIX
 from jobs.driver.preflight import Prepared, preflight
 from jobs.errors import TlctlError
+from jobs.redact import clip, redact_data
 from jobs.spec.load import spec_yaml
 from jobs.spec.model import JobSpec
 from jobs.storage.credentials import CREDENTIALS_FILE, ENV_VAR, credentials_text
 from jobs.storage.errors import StorageError
 from jobs.storage.layout import RunLayout
+from jobs.storage.location import is_remote_safe
 from orchestrator import display
 from orchestrator.targets.base import SubmitOptions
 from orchestrator.targets.jobs_api import (
+    DEFAULT_CONNECT_TIMEOUT_S,
     TERMINAL,
     Cluster,
     api_errors,
@@ -46,6 +49,7 @@ from orchestrator.targets.jobs_api import (
     is_loopback,
     job_logs,
     job_row,
+    submit,
     tlctl_jobs,
 )
 
@@ -84,7 +88,8 @@ def next_attempt(existing: list, run: str) -> int:
 
 
 def remote_path_errors(spec: JobSpec) -> list[str]:
-    """Local paths a remote cluster cannot read (valid there: s3:// URIs)."""
+    """Paths a remote cluster cannot read: local paths and file:// URIs name files on this
+    machine only (valid there: s3:// URIs)."""
     fields = {
         "data.train": spec.data.train,
         "data.val": spec.data.val,
@@ -92,10 +97,10 @@ def remote_path_errors(spec: JobSpec) -> list[str]:
         "backbone.weights": spec.backbone.weights,
     }
     return [
-        f"{name}: '{value}' is a path on this machine, which a remote cluster cannot read "
+        f"{name}: {clip(value)} is a path on this machine, which a remote cluster cannot read "
         "(valid: an s3:// URI; for weights also imagenet or none)"
         for name, value in fields.items()
-        if value and "://" not in value and value not in ("imagenet", "none")
+        if value and value not in ("imagenet", "none") and not is_remote_safe(value)
     ]
 
 
@@ -118,7 +123,7 @@ def runtime_env(
     spec: JobSpec, workdir: Path, *, pass_credentials: bool, pip: list[str]
 ) -> dict[str, Any]:
     """The job's code (jobs package), resolved spec, env and pip needs; writes `workdir`."""
-    (workdir / SPEC_FILE).write_text(spec_yaml(spec))
+    (workdir / SPEC_FILE).write_text(spec_yaml(spec))  # redacted, as every stored spec
     env_vars = {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
     for name in ("AWS_REGION", "AWS_DEFAULT_REGION"):
         if os.environ.get(name):
@@ -158,14 +163,16 @@ def submit_job(cluster: Cluster, prepared: Prepared, options: SubmitOptions) -> 
     run = spec.name
     attempt = next_attempt(tlctl_jobs(cluster, run), run)
     job_id = submission_id(run, attempt)
-    metadata = {
-        "tlctl": tlctl_version(),
-        "run": run,
-        "kind": "search" if spec.search else "train",
-        "run_uri": prepared.layout.uri,
-        "storage_endpoint": spec.storage.endpoint or "",
-        "attempt": str(attempt),
-    }
+    metadata = redact_data(  # the Jobs API shows metadata to anyone who can list jobs
+        {
+            "tlctl": tlctl_version(),
+            "run": run,
+            "kind": "search" if spec.search else "train",
+            "run_uri": prepared.layout.uri,
+            "storage_endpoint": spec.storage.endpoint or "",
+            "attempt": str(attempt),
+        }
+    )
     if not options.verbose:  # "Uploading package gcs://…" lines: noise for a tlctl user
         for name in ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging"):
             logging.getLogger(name).setLevel(logging.WARNING)
@@ -181,7 +188,8 @@ def submit_job(cluster: Cluster, prepared: Prepared, options: SubmitOptions) -> 
             resources["entrypoint_memory"] = options.driver_memory_mb * 1024 * 1024
         with api_errors(cluster.address):
             try:
-                cluster.client.submit_job(
+                submit(  # waits out a head whose job agent is still starting
+                    cluster,
                     entrypoint=entrypoint(options.submitted_at, options.verbose),
                     submission_id=job_id,
                     runtime_env=env,
@@ -205,8 +213,11 @@ class ClusterTarget:
 
     local = False
 
-    def __init__(self, address: str | None) -> None:
+    def __init__(
+        self, address: str | None, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
+    ) -> None:
         self.address = cluster_address(address)
+        self.connect_timeout_s = connect_timeout_s
 
     def submit(self, spec: JobSpec, options: SubmitOptions) -> int:
         """Validate and pre-flight from here, submit; the exit code (with `wait`: the job's)."""
@@ -219,7 +230,7 @@ class ClusterTarget:
         if prepared.complete:
             display.already_complete(prepared, json_out=options.json_out)
             return 0
-        cluster = connect(self.address)
+        cluster = connect(self.address, connect_timeout_s=self.connect_timeout_s)
         job_id = submit_job(cluster, prepared, options)
         if not options.wait:
             display.submitted(job_id, self.address, prepared, json_out=options.json_out)
@@ -231,12 +242,13 @@ def follow(cluster: Cluster, job_id: str, prepared: Prepared, *, json_out: bool)
     """Follow a submitted job like --local shows a run; the exit code is the job's outcome."""
     if not json_out:
         display.console.print(
-            f"job [bold]{job_id}[/] submitted to {cluster.address}; following (Ctrl-C detaches)"
+            f"job {job_id} submitted to {cluster.address}; following (Ctrl-C detaches)",
+            markup=False,
         )
 
     def on_status(row: dict[str, Any]) -> None:
         if not json_out:
-            display.console.print(f"job {job_id}: {row['status']}")
+            display.console.print(f"job {job_id}: {row['status']}", markup=False)
 
     try:
         with display.progress_display(prepared.spec, json_out) as progress:

@@ -20,6 +20,7 @@ from jobs.driver.scaling import INGEST_CPUS, resolve_num_workers
 from jobs.errors import TlctlError
 from jobs.search.space import trials_for
 from jobs.search.tune import TRIAL_DRIVER_CPUS
+from jobs.spec.load import check_fits_here
 from jobs.spec.model import JobSpec
 from orchestrator import display
 from orchestrator.targets.base import SubmitOptions
@@ -116,7 +117,9 @@ class LocalTarget:
 
     def submit(self, spec: JobSpec, options: SubmitOptions) -> int:
         gpus = gpu_count() if spec.scaling.use_gpu else 0
-        prepared = preflight(resolve_num_workers(spec, gpus=gpus, where="this machine"))
+        spec = resolve_num_workers(spec, gpus=gpus, where="this machine")
+        check_fits_here(spec, cpus=os.cpu_count() or 1)
+        prepared = preflight(spec)
         if not options.json_out:
             display.console.print(
                 display.start_line(prepared, local_trials(prepared.spec)), soft_wrap=True

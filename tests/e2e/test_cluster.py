@@ -335,7 +335,9 @@ def test_cluster_errors_are_one_clear_line(env: dict, tmp_path: Path) -> None:
     down = tlctl(env, "jobs", "list", "--address", "http://127.0.0.1:9")
     assert down.returncode == 2 and "cannot reach the Ray cluster" in down.stderr
     spec = write_spec(env, "unreachable")
-    refused = tlctl(env, "submit", str(spec), "--address", "http://127.0.0.1:9")
+    refused = tlctl(
+        env, "submit", str(spec), "--address", "http://127.0.0.1:9", "--connect-timeout", "3"
+    )
     assert refused.returncode == 2 and "cannot reach the Ray cluster" in refused.stderr
     assert not exists(resolve(env["storage"], env["endpoint"]).join("unreachable"))
 

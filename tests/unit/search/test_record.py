@@ -105,7 +105,7 @@ def test_the_epoch_after_the_late_result_reaches_the_record(run: RunLayout) -> N
         (None, "stopped"),
     ]
     table = SearchProgress.__new__(SearchProgress)
-    table.epochs, table.metric, table.trials = EPOCHS, "val_acc", {}
+    table.epochs, table.metric, table.trials, table.lines = EPOCHS, "val_acc", {}, False
     table.live = SimpleNamespace(update=lambda _: None)
     for item in items:
         table.update(item)

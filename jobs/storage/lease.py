@@ -562,6 +562,19 @@ def held_error(what: str, seen: Seen) -> LeaseHeld:
     )
 
 
+def release_for(loc: Location, job: str) -> bool:
+    """Remove the lease at `loc` if `job` holds it (conditional on the version read, so a
+    lease renewed or taken over meanwhile stays). For whoever ended that job (`tlctl jobs
+    stop`): a stopped driver cannot release its own lease, and the run would otherwise be
+    refused for a TTL. True when it was removed."""
+    backend = backend_for(loc)
+    seen = backend.read()
+    holder = seen.holder if seen is not None else None
+    if seen is None or holder is None or holder.job != job:
+        return False
+    return backend.delete(seen.token)
+
+
 def check_free(loc: Location, *, what: str | None = None) -> None:
     """Refuse (LeaseHeld) if someone holds a live lease at `loc`; writes nothing."""
     seen = backend_for(loc).read()

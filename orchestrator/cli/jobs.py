@@ -144,9 +144,27 @@ def jobs_stop(
     wait_s: Annotated[float, typer.Option("--wait-s", help="Seconds to wait for it.")] = 60.0,
 ) -> None:
     """Stop a job; its checkpoints stay in storage (submit the same spec again to resume)."""
-    from orchestrator.targets.jobs_api import connect, stop_job
+    from orchestrator.targets.jobs_api import connect, get_job, job_row, stop_job
 
-    status = stop_job(connect(address), job_id, wait_s=wait_s)
+    cluster = connect(address)
+    status = stop_job(cluster, job_id, wait_s=wait_s)
     typer.echo(f"{job_id}: {status}")
     if status not in ("STOPPED", "SUCCEEDED", "FAILED"):
         raise TlctlError(f"job {job_id} is still {status} after {wait_s:.0f} s", exit_code=1)
+    _free_run(job_row(get_job(cluster, job_id)), job_id)
+
+
+def _free_run(row: dict[str, Any], job_id: str) -> None:
+    """The stopped job's driver was killed holding its run's lease: release it, so the same
+    spec can be submitted again at once (not after the lease's TTL)."""
+    from jobs.storage.layout import RunLayout
+    from jobs.storage.lease import release_for
+    from jobs.storage.location import resolve
+
+    if not row.get("run_uri"):
+        return
+    try:
+        run = RunLayout(resolve(row["run_uri"], row.get("storage_endpoint") or None))
+        release_for(run.lease, f"Ray job {job_id}")
+    except (TlctlError, OSError) as exc:  # the lease then expires by itself
+        typer.echo(f"note: the run's lease stays until it expires ({exc})", err=True)

@@ -244,7 +244,8 @@ def test_duplicate_submit_is_refused_and_stop_keeps_checkpoints(env: dict) -> No
 
     again = tlctl(env, "submit", str(spec), "--pass-credentials")
     assert again.returncode == 2
-    assert f"already RUNNING on this cluster as job {job_id}" in again.stderr
+    # Refused by the run's lease (or the Jobs API's list of jobs), naming the job.
+    assert f"Ray job {job_id}" in again.stderr or f"as job {job_id}" in again.stderr
 
     follow = subprocess.Popen(
         [sys.executable, "-m", "orchestrator.cli", "jobs", "logs", job_id, "--follow"],

@@ -509,6 +509,19 @@ def acquire(
     backend = backend_for(loc)
     what = what or loc.uri
     holder = Holder.here(job, ttl)
+
+    def held(token: str, **takeover: Any) -> Lease:
+        return Lease(
+            backend,
+            holder,
+            token,
+            renew_s=beat,
+            what=what,
+            on_lost=on_lost,
+            prune_empty_parent=prune_empty_parent,
+            **takeover,
+        )
+
     for _ in range(ACQUIRE_ATTEMPTS):
         seen = backend.read()
         if seen is None:
@@ -517,31 +530,13 @@ def acquire(
             if token is None:
                 continue  # someone created it between our read and our write
             _check_conditions(backend, loc, data, token, warn)
-            return Lease(
-                backend,
-                holder,
-                token,
-                renew_s=beat,
-                what=what,
-                on_lost=on_lost,
-                prune_empty_parent=prune_empty_parent,
-            )
+            return held(token)
         if not seen.expired():
             raise held_error(what, seen)
         token = backend.replace(holder.body(), seen.token)
         if token is None:
             continue  # renewed, released or taken over meanwhile: look again
-        return Lease(
-            backend,
-            holder,
-            token,
-            renew_s=beat,
-            what=what,
-            on_lost=on_lost,
-            took_over=seen.holder,
-            took_over_age_s=seen.age_s,
-            prune_empty_parent=prune_empty_parent,
-        )
+        return held(token, took_over=seen.holder, took_over_age_s=seen.age_s)
     raise TlctlError(
         f"lease: {what} changed hands {ACQUIRE_ATTEMPTS} times while this job tried to take "
         "it; try again",

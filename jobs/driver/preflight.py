@@ -13,8 +13,9 @@ from typing import Any
 
 from jobs.data.plan import DataPlan, plan_data
 from jobs.errors import TlctlError
+from jobs.search.state import verify as verify_tune_state
 from jobs.spec.model import JobSpec
-from jobs.storage.layout import RunLayout, epoch_lines
+from jobs.storage.layout import TUNER_STATE, RunLayout, epoch_lines
 from jobs.storage.lease import check_free
 from jobs.storage.location import check_writable, exists, resolve
 from jobs.training.loop import WorkerJob
@@ -115,7 +116,10 @@ def _check_resume(spec: JobSpec, layout: RunLayout, classes: list[str]) -> tuple
         )
     model_done = exists(layout.model_info)
     if spec.search:
-        return True, model_done and exists(layout.trials_table)
+        complete = model_done and exists(layout.trials_table)
+        if not complete and exists(layout.tune.join(TUNER_STATE)):
+            verify_tune_state(layout.tune, spec.name)  # a restore unpickles it
+        return True, complete
     done = epoch_lines(layout.read_log())
     last = max((int(m["epoch"]) for m in done), default=-1)
     return True, model_done and last + 1 >= spec.train.epochs

@@ -18,6 +18,8 @@ from jobs.data.pipeline import build_datasets
 from jobs.driver.job import patient_layout, summary, write_run_header
 from jobs.driver.preflight import Prepared
 from jobs.errors import EXIT_FAILED, TlctlError, root_cause
+from jobs.search import state
+from jobs.search.algorithms import search_algorithm
 from jobs.search.callbacks import PROGRESS, SearchLog
 from jobs.search.space import apply_trial, hyperparameters, param_space, trials_for
 from jobs.search.trials import export_best, trial_id_of, trial_rows, write_trials_table
@@ -90,23 +92,6 @@ def _scheduler(search: SearchSpec, epochs: int):
     )
 
 
-def _search_alg(search: SearchSpec, *, seed: int, concurrency: int):
-    """The searcher, seeded with train.seed: the same spec samples the same trials."""
-    if search.search_alg != "optuna":
-        from ray.tune.search.basic_variant import BasicVariantGenerator
-
-        return BasicVariantGenerator(max_concurrent=concurrency, random_state=seed)
-    try:
-        from ray.tune.search import ConcurrencyLimiter
-        from ray.tune.search.optuna import OptunaSearch
-    except ImportError as exc:
-        raise TlctlError(
-            f"search.search_alg: optuna is not installed ({exc}); pip install 'tlctl[optuna]' "
-            "(valid without it: random, grid)"
-        ) from exc
-    return ConcurrencyLimiter(OptunaSearch(seed=seed), max_concurrent=concurrency)
-
-
 def _tuner(prepared: Prepared, datasets: dict, concurrency: int):
     """A new Tuner, or the interrupted one restored from `<run>/tune` (finished trials kept,
     unfinished and errored ones resumed: their Train runs pick up their own checkpoints)."""
@@ -119,6 +104,7 @@ def _tuner(prepared: Prepared, datasets: dict, concurrency: int):
     # trial's resources; Tune refuses an empty request, so it takes a token 0.01 CPU.
     trainable = tune.with_resources(trainable, {"cpu": TRIAL_DRIVER_CPUS})
     fs = layout.root.fs
+    # Pre-flight has checked the state against tlctl's manifest (jobs.search.state).
     if tune.Tuner.can_restore(layout.tune.path, storage_filesystem=fs):
         tuner = tune.Tuner.restore(
             layout.tune.path,
@@ -130,6 +116,7 @@ def _tuner(prepared: Prepared, datasets: dict, concurrency: int):
         return tuner, True
     epochs = spec.train.epochs
     log = SearchLog(layout.uri, spec.storage.endpoint, search, epochs)
+    recorder = state.StateRecorder(layout.uri, spec.storage.endpoint, spec.name)
     tuner = tune.Tuner(
         trainable,
         param_space=param_space(search),
@@ -139,7 +126,9 @@ def _tuner(prepared: Prepared, datasets: dict, concurrency: int):
             num_samples=search.num_samples,
             scheduler=_scheduler(search, epochs),
             # The searcher holds the concurrency limit (TuneConfig's would be ignored).
-            search_alg=_search_alg(search, seed=spec.train.seed, concurrency=concurrency),
+            search_alg=search_algorithm(
+                search, seed=spec.train.seed, concurrency=concurrency, recorder=recorder
+            ),
             trial_name_creator=lambda t: t.trial_id,
             trial_dirname_creator=lambda t: t.trial_id,
         ),
@@ -154,6 +143,7 @@ def _tuner(prepared: Prepared, datasets: dict, concurrency: int):
             failure_config=tune.FailureConfig(max_failures=0),
         ),
     )
+    state.start(layout.tune, spec.name)  # the Tuner has written tuner.pkl
     return tuner, False
 
 

@@ -30,6 +30,9 @@ EVENTS = "events"
 CHECKPOINTS = "checkpoints"
 MODEL = "model"
 TUNE = "tune"
+TUNER_STATE = "tuner.pkl"  # Ray Tune's own name for it
+# Not .json/.pkl: Tune downloads those into its staging dir and uploads them back.
+TUNE_MANIFEST = "tlctl.manifest"
 TRIALS = "trials"
 TRIALS_TABLE = "trials.parquet"
 LEASE = "lease.json"
@@ -63,6 +66,11 @@ LAYOUT: tuple[tuple[str, str], ...] = (
     ),
     (f"{MODEL}/{MANIFEST}", f"sizes + SHA-256 of {WEIGHTS} and {MODEL_INFO}"),
     (f"{TUNE}/", "a search: Ray Tune's experiment state (what a resubmit restores)"),
+    (
+        f"{TUNE}/{TUNE_MANIFEST}",
+        "a search: the SHA-256 of each Tune state file tlctl saw Tune save (its last 32 "
+        "versions); a restore refuses state files it does not list",
+    ),
     (
         f"{TRIALS}/<trial-id>/",
         f"a search: each trial laid out like a run ({CHECKPOINTS}/, {METRICS})",

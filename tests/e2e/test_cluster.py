@@ -181,6 +181,10 @@ def test_job_trains_across_both_nodes_and_never_shows_the_secret(env: dict) -> N
     assert rows[job_id]["run"] == "two-nodes" and rows[job_id]["status"] == "SUCCEEDED"
     status = tlctl(env, "jobs", "status", job_id)
     assert "SUCCEEDED" in status.stdout and "2 epoch(s) recorded" in status.stdout
+    # Piped: one plain row per job, never wrapped, so grep finds the whole row.
+    plain = tlctl(env, "jobs", "list").stdout.splitlines()
+    row = [line for line in plain if line.split()[:1] == [job_id]]
+    assert len(row) == 1 and "two-nodes" in row[0] and "SUCCEEDED" in row[0], plain
 
     # The secret: not in any CLI output, `ray job list`, the job's info, or storage.
     ray_list = subprocess.run(
@@ -242,10 +246,15 @@ def test_duplicate_submit_is_refused_and_stop_keeps_checkpoints(env: dict) -> No
         assert job_status(env, job_id)["status"] not in TERMINAL
         time.sleep(1.0)
 
+    # The cluster job's driver holds the run's lease, naming its Ray job.
+    lease = json.loads(read_bytes(run.join("lease.json")))
+    assert lease["job"] == f"Ray job {job_id}" and lease["renewed_at"] > time.time() - 120
     again = tlctl(env, "submit", str(spec), "--pass-credentials")
     assert again.returncode == 2
     # Refused by the run's lease (or the Jobs API's list of jobs), naming the job.
     assert f"Ray job {job_id}" in again.stderr or f"as job {job_id}" in again.stderr
+    local = tlctl(env, "submit", str(spec), "--local")  # a local job on the same run
+    assert local.returncode == 2 and f"Ray job {job_id}" in local.stderr, local.stderr
 
     follow = subprocess.Popen(
         [sys.executable, "-m", "orchestrator.cli", "jobs", "logs", job_id, "--follow"],
@@ -260,6 +269,7 @@ def test_duplicate_submit_is_refused_and_stop_keeps_checkpoints(env: dict) -> No
     assert stopped.returncode == 0, stopped.stderr
     assert stopped.stdout.strip() == f"{job_id}: STOPPED"
     assert job_status(env, job_id)["status"] == "STOPPED"
+    assert not exists(run.join("lease.json"))  # released by jobs stop
     followed, _ = follow.communicate(timeout=60)  # --follow ends with the job
     assert follow.returncode == 0 and "epoch 1/40" in followed
 
@@ -289,6 +299,7 @@ def test_duplicate_submit_is_refused_and_stop_keeps_checkpoints(env: dict) -> No
     )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr
     assert "tlctl-long-2" in resumed.stdout
+    assert not exists(run.join("lease.json"))  # released when the job ended
     record = json.loads(
         tlctl(env, "runs", "show", "long", "--storage", env["storage"], "--json").stdout
     )

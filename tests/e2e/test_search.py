@@ -28,7 +28,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cluster.local.s3server import S3Server
-from jobs.storage.location import exists, list_dir, read_bytes, read_text, resolve
+from jobs.storage.location import exists, list_dir, read_bytes, read_text, resolve, write_bytes
 from orchestrator.cli import app
 
 pytestmark = pytest.mark.slow
@@ -308,6 +308,17 @@ def test_interrupted_search_resumes_keeping_finished_trials(env: dict) -> None:
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "resume" in err
+
+    # Tune state tlctl did not save (here one byte more) is never unpickled: exit 2 first.
+    tune = run_loc(env, "resume").join("tune")
+    state_file = tune.join(next(n for n in list_dir(tune) if n.startswith("experiment_state-")))
+    saved = read_bytes(state_file)
+    write_bytes(state_file, saved + b" ")
+    refused = tlctl("submit", str(spec), "--local")
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "is not one tlctl saved" in refused.stderr and state_file.uri in refused.stderr
+    assert "Traceback" not in refused.stderr
+    write_bytes(state_file, saved)
 
     result = tlctl("submit", str(spec), "--local", "--json")
     assert result.returncode == 0, result.stdout + result.stderr

@@ -14,6 +14,7 @@ import pytest
 
 from cluster.local.s3server import S3Server
 from jobs.storage import lease as lease_mod
+from jobs.storage.conditional import S3Backend
 from jobs.storage.layout import RunLayout
 from jobs.storage.lease import LeaseHeld, LeaseLost, acquire, check_free, ttl_from_env
 from jobs.storage.location import Location, exists, read_text, resolve, write_text
@@ -36,7 +37,7 @@ def where(request, tmp_path) -> Location:
 def test_seaweedfs_honours_if_none_match_and_if_match(s3_env: S3Server, s3_bucket: str) -> None:
     """What the lease relies on, checked on the server tests (and the quickstart) use."""
     probe = resolve(f"s3://{s3_bucket}/probe-{uuid.uuid4().hex[:6]}", s3_env.endpoint)
-    backend = lease_mod.S3Backend(probe)
+    backend = S3Backend(probe)
     first = backend.create(b"one")
     assert first is not None
     assert backend.create(b"two") is None  # If-None-Match: * refused: it exists

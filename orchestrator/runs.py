@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from jobs.errors import TlctlError
-from jobs.spec.model import JobSpec
+from jobs.spec.model import NAME_RE, JobSpec
 from jobs.storage.layout import RunLayout, epoch_lines, parse_checkpoint_name
 from jobs.storage.location import Location, describe_error, exists, list_dir, resolve
 
@@ -79,6 +79,8 @@ def list_runs(storage: str, endpoint: str | None) -> list[dict[str, Any]]:
         names = list_dir(root) if exists(root) else []
     except OSError as exc:
         raise describe_error(exc, root) from exc
+    # Not runs: the model registry (REGISTRY) and anything else no run could be named.
+    names = [n for n in names if NAME_RE.fullmatch(n)]
     records = [_listed(RunLayout(root.join(n)), n) for n in names]
     return [r for r in records if r is not None]
 

@@ -36,6 +36,10 @@ TUNE_MANIFEST = "tlctl.manifest"
 TRIALS = "trials"
 TRIALS_TABLE = "trials.parquet"
 LEASE = "lease.json"
+# The model registry, at the storage root beside the runs (a run name never starts with _).
+REGISTRY = "_models"
+ALIASES = "aliases"
+HISTORY = "history"
 # Files of a checkpoint directory and of model/.
 WEIGHTS = "model.pt"
 STATE = "state.pt"

@@ -9,6 +9,7 @@ Resume and export verify before they load; nothing here trusts a directory listi
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -108,3 +109,32 @@ def verify(loc: Location) -> str | None:
     return _check(
         manifest, sizes, lambda name: hashlib.sha256(read_bytes(loc.join(name))).hexdigest()
     )
+
+
+def read_verified(loc: Location) -> tuple[bytes, dict[str, bytes]]:
+    """(manifest bytes, every listed file's bytes) of a directory whose files all match
+    its manifest; otherwise a TlctlError (exit 2) saying what does not. One read per file:
+    what is checked is what the caller then uses."""
+    from jobs.errors import TlctlError
+
+    where = loc.join(MANIFEST)
+    try:
+        raw = read_bytes(where)
+        manifest = json.loads(raw)
+    except FileNotFoundError:
+        raise TlctlError(f"{loc.uri}: no {MANIFEST} (not completely written)") from None
+    except ValueError:
+        raise TlctlError(f"{where.uri} is not valid JSON") from None
+    listed = (manifest.get("files") or {}) if isinstance(manifest, dict) else {}
+    files: dict[str, bytes] = {}
+    for name in listed:
+        with contextlib.suppress(FileNotFoundError):
+            files[name] = read_bytes(loc.join(name))
+    why = _check(
+        manifest,
+        {n: len(b) for n, b in files.items()},
+        lambda n: hashlib.sha256(files[n]).hexdigest(),
+    )
+    if why is not None:
+        raise TlctlError(f"{loc.uri}: {why}; it is not loaded (export the run again)")
+    return raw, files

@@ -16,6 +16,7 @@ from jobs.errors import TlctlError
 from orchestrator.cli.cluster import cluster_app
 from orchestrator.cli.data import data_app, list_backbones
 from orchestrator.cli.jobs import jobs_app
+from orchestrator.cli.models import models_app
 from orchestrator.cli.runs import report, runs_app
 from orchestrator.cli.train import resume, submit, validate
 
@@ -44,6 +45,7 @@ app.add_typer(data_app, name="data")
 app.add_typer(runs_app, name="runs")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(cluster_app, name="cluster")
+app.add_typer(models_app, name="models")
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ import os
 import re
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from jobs.errors import TlctlError
@@ -72,6 +72,7 @@ class RunModel:
     layout: RunLayout
     manifest_sha256: str
     info: dict[str, Any]
+    files: dict[str, bytes] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def read(cls, layout: RunLayout) -> RunModel:
@@ -85,7 +86,7 @@ class RunModel:
             info = json.loads(files[MODEL_INFO])
         except (KeyError, ValueError):
             raise TlctlError(f"{layout.model.uri}: {MODEL_INFO} is missing or not JSON") from None
-        return cls(layout, hashlib.sha256(raw).hexdigest(), info)
+        return cls(layout, hashlib.sha256(raw).hexdigest(), info, files)
 
     @property
     def classes(self) -> list[str]:

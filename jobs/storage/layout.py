@@ -36,6 +36,10 @@ TUNE_MANIFEST = "tlctl.manifest"
 TRIALS = "trials"
 TRIALS_TABLE = "trials.parquet"
 LEASE = "lease.json"
+EVAL = "eval"
+EVAL_METRICS = "metrics.json"
+EVAL_PREDICTIONS = "predictions.parquet"
+EVAL_FILES = ("confusion.png", "reliability.png", "errors.html")
 # The model registry, at the storage root beside the runs (a run name never starts with _).
 REGISTRY = "_models"
 ALIASES = "aliases"
@@ -80,6 +84,12 @@ LAYOUT: tuple[tuple[str, str], ...] = (
         f"a search: each trial laid out like a run ({CHECKPOINTS}/, {METRICS})",
     ),
     (TRIALS_TABLE, "a search: one row per trial (values, best metric, epochs, status, checkpoint)"),
+    (
+        f"{EVAL}/<name>/",
+        f"`tlctl evaluate`: {EVAL_METRICS} (top-1/top-k, NLL, ECE, per-class precision/recall/"
+        f"F1, confusion matrix, the data's fingerprint), {EVAL_PREDICTIONS} (one row per "
+        f"image), {', '.join(EVAL_FILES)}",
+    ),
     (
         LEASE,
         "while a job trains the run: its holder (host, pid, job) and heartbeat; another "
@@ -170,6 +180,9 @@ class RunLayout:
     @property
     def model(self) -> Location:
         return self.root.join(MODEL)
+
+    def evaluation(self, name: str) -> Location:
+        return self.root.join(EVAL, name)
 
     @property
     def model_info(self) -> Location:

@@ -15,6 +15,7 @@ from jobs.driver.settings import apply_process_settings
 from jobs.errors import TlctlError
 from orchestrator.cli.cluster import cluster_app
 from orchestrator.cli.data import data_app, list_backbones
+from orchestrator.cli.evaluate import evaluate
 from orchestrator.cli.jobs import jobs_app
 from orchestrator.cli.models import models_app
 from orchestrator.cli.runs import report, runs_app
@@ -41,6 +42,7 @@ app.command()(resume)
 app.command()(validate)
 app.command("backbones")(list_backbones)
 app.command()(report)
+app.command()(evaluate)
 app.add_typer(data_app, name="data")
 app.add_typer(runs_app, name="runs")
 app.add_typer(jobs_app, name="jobs")

@@ -10,6 +10,7 @@ import io
 import json
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 import torchvision
@@ -129,11 +130,18 @@ def test_run_writes_the_storage_layout(env: dict, source_run: str) -> None:
     assert env["server"].secret_key not in stored and "AWS_" not in stored
 
 
-def test_model_loads_into_plain_torchvision_and_reproduces_val_acc(env: dict) -> None:
-    spec = write_spec(env, "plain-load")
-    result = submit(spec)
+@pytest.fixture(scope="module")
+def plain_run(env: dict) -> str:
+    """A run from scratch with an explicit val folder: the tests that only read a model use it."""
+    result = submit(write_spec(env, "plain-load"))
     assert result.exit_code == 0, result.output
-    run = run_loc(env, "plain-load")
+    return "plain-load"
+
+
+def test_model_loads_into_plain_torchvision_and_reproduces_val_acc(
+    env: dict, plain_run: str
+) -> None:
+    run = run_loc(env, plain_run)
     info = json.loads(read_text(run.join("model", "model.json")))
     model = torchvision.models.get_model("resnet18", num_classes=info["num_classes"])
     state = torch.load(io.BytesIO(read_bytes(run.join("model", "model.pt"))), weights_only=True)
@@ -151,6 +159,57 @@ def test_model_loads_into_plain_torchvision_and_reproduces_val_acc(env: dict) ->
             total += 1
     assert total == info["metrics"]["val_images"]
     assert abs(correct / total - info["metrics"]["val_acc"]) <= 1 / total + 1e-9
+
+
+def test_evaluate_reproduces_the_runs_val_metrics_and_writes_its_record(
+    env: dict, plain_run: str, tmp_path: Path
+) -> None:
+    storage = ["--storage", env["storage"], "--endpoint", env["endpoint"]]
+    val = str(env["tmp"] / "val")
+    out = runner.invoke(app, ["evaluate", plain_run, "--data", val, "--json", *storage])
+    assert out.exit_code == 0, out.output
+    m = json.loads(out.stdout)
+    run = run_loc(env, plain_run)
+    info = json.loads(read_text(run.join("model", "model.json")))
+    # The same images, decode and weights as training's validation: the same numbers.
+    assert m["n"] == info["metrics"]["val_images"] == 240
+    assert m["top1"] == pytest.approx(info["metrics"]["val_acc"], abs=1e-12)
+    assert m["nll"] == pytest.approx(info["metrics"]["val_loss"], rel=1e-4)
+    assert sum(map(sum, m["confusion"])) == 240 and m["k"] == 5
+    done = run.join("eval", "val")
+    assert (
+        json.loads(read_text(done.join("metrics.json")))["data_fingerprint"]
+        == m["data_fingerprint"]
+    )
+    table = pq.read_table(io.BytesIO(read_bytes(done.join("predictions.parquet"))))
+    assert table.num_rows == 240 and table.column("correct").to_pylist().count(True) == round(
+        m["top1"] * 240
+    )
+    for name in ("confusion.png", "reliability.png"):
+        assert read_bytes(done.join(name)).startswith(b"\x89PNG")
+    assert "Most confident mistakes" in read_text(done.join("errors.html"))
+    assert not exists(done.join("lease.json"))
+
+    # Through the registry: MODEL@ALIAS evaluates the same model on the same data.
+    promoted = runner.invoke(app, ["models", "promote", plain_run, "--model", "shapes", *storage])
+    assert promoted.exit_code == 0, promoted.output
+    alias = runner.invoke(
+        app, ["evaluate", "shapes@champion", "--data", val, "--name", "via-alias", *storage]
+    )
+    assert alias.exit_code == 0, alias.output
+    again = json.loads(read_text(run.join("eval", "via-alias", "metrics.json")))
+    assert again["top1"] == m["top1"] and again["data_fingerprint"] == m["data_fingerprint"]
+    assert f"top-1 {m['top1']:.1%}" in alias.stdout
+
+    # A class the model does not know: exit 2 naming it, before Ray runs anything.
+    odd = tmp_path / "odd"
+    for cls in (info["classes"][0], "zebra"):
+        (odd / cls).mkdir(parents=True)
+        src = next((env["tmp"] / "val" / info["classes"][0]).glob("*.png"))
+        (odd / cls / "x.png").write_bytes(src.read_bytes())
+    bad = runner.invoke(app, ["evaluate", plain_run, "--data", str(odd), *storage])
+    assert bad.exit_code == 2 and "zebra is unknown to the model" in bad.output
+    assert not exists(run.join("eval", "odd"))
 
 
 def test_same_name_resumes_from_last_epoch(env: dict) -> None:

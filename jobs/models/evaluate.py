@@ -1,0 +1,303 @@
+"""`tlctl evaluate`: a run's model measured on a labelled dataset, every image exactly once.
+
+Ray Data reads the image files, decodes them in CPU tasks (the training decode and
+resize), and scores them in an actor pool (jobs.models.scoring, fp32); the per-image
+results (a few numbers each) come back to this process, which computes the metrics
+(jobs.models.metrics) and writes `<run>/eval/<name>/` under the run's evaluation lease.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import io
+import json
+import re
+import time
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from jobs.data.pipeline import DECODE_BATCH, decode_image
+from jobs.data.plan import scan_imagefolder
+from jobs.errors import TlctlError
+from jobs.models.metrics import calibration_bins, classification_metrics
+from jobs.models.ref import ModelRef
+from jobs.models.scoring import Scorer
+from jobs.storage.layout import EVAL_FILES, EVAL_METRICS, EVAL_PREDICTIONS, LEASE
+from jobs.storage.lease import acquire
+from jobs.storage.location import Location, read_bytes, resolve, write_bytes, write_text
+
+TOP_K = 5
+ERRORS_SHOWN = 24
+CONFUSION_GRID_MAX = 30  # classes; above it, the most confused pairs
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9\-_.]{0,62}")
+
+
+@dataclass(frozen=True)
+class EvalPlan:
+    """The labelled images to evaluate, labels as indices of the model's classes."""
+
+    data: Location
+    files: list[str]
+    labels: list[int]
+    data_classes: list[str]
+
+
+def plan_evaluation(data_uri: str, endpoint: str | None, classes: list[str]) -> EvalPlan:
+    """List an ImageFolder tree; a class the model does not know is exit 2, naming it."""
+    loc = resolve(data_uri, endpoint)
+    data_classes, by_class = scan_imagefolder(loc, "--data")
+    unknown = [c for c in data_classes if c not in classes]
+    if unknown:
+        raise TlctlError(
+            f"--data: class{'es' if len(unknown) > 1 else ''} {', '.join(unknown)} "
+            f"{'are' if len(unknown) > 1 else 'is'} unknown to the model (it knows: "
+            f"{', '.join(classes)})"
+        )
+    index = {c: i for i, c in enumerate(classes)}
+    files = [f for c in data_classes for f in by_class[c]]
+    labels = [index[c] for c in data_classes for _ in by_class[c]]
+    return EvalPlan(loc, files, labels, data_classes)
+
+
+def default_name(data_uri: str) -> str:
+    """The evaluation's name from the data's last path part (`…/flowers/test` → `test`)."""
+    tail = data_uri.rstrip("/").rsplit("/", 1)[-1].lower()
+    name = re.sub(r"[^a-z0-9\-_.]+", "-", tail).strip("-.") or "eval"
+    return name if NAME_RE.fullmatch(name) else "eval"
+
+
+def check_name(name: str) -> None:
+    if not NAME_RE.fullmatch(name) or ".." in name:
+        raise TlctlError(f"--name: {name!r} is not a valid name ([a-z0-9][a-z0-9-_.]{{0,62}})")
+
+
+def _norm(path: str) -> str:
+    return path.split("://", 1)[-1].lstrip("/")
+
+
+def _decode(batch: dict[str, Any], size: int, label_of: dict[str, int]) -> dict[str, Any]:
+    raws = list(batch["bytes"])
+    paths = [str(p) for p in batch["path"]]
+    return {
+        "image": np.stack([decode_image(b, size, p) for b, p in zip(raws, paths, strict=True)]),
+        "path": np.asarray(paths, dtype=object),
+        "label": np.asarray([label_of[_norm(p)] for p in paths], dtype=np.int64),
+        "crc": np.asarray([zlib.crc32(b) for b in raws], dtype=np.int64),
+    }
+
+
+def score(ref: ModelRef, plan: EvalPlan, *, actors: int = 1) -> dict[str, np.ndarray]:
+    """Every image of the plan, scored once; columns as numpy arrays in file order."""
+    import ray.data
+
+    info = ref.model.info
+    k = min(TOP_K, len(info["classes"]))
+    label_of = {_norm(f): lab for f, lab in zip(plan.files, plan.labels, strict=True)}
+    ds = ray.data.read_binary_files(
+        plan.files,
+        filesystem=plan.data.fs,
+        include_paths=True,
+        override_num_blocks=max(1, min(64, len(plan.files) // DECODE_BATCH)),
+    )
+    ds = ds.map_batches(
+        _decode,
+        fn_kwargs={"size": int(info["image_size"]), "label_of": label_of},
+        batch_size=DECODE_BATCH,
+        batch_format="numpy",
+    )
+    ds = ds.map_batches(
+        Scorer,
+        fn_constructor_kwargs={
+            "run_uri": ref.layout.uri,
+            "endpoint": ref.layout.root.endpoint,
+            "manifest_sha256": ref.model.manifest_sha256,
+            "k": k,
+        },
+        concurrency=actors,
+        num_cpus=1,
+        batch_size=DECODE_BATCH,
+        batch_format="numpy",
+    )
+    parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
+    if not parts:
+        raise TlctlError("--data: no images were read")
+    cols = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    order = np.argsort(cols["path"].astype(str), kind="stable")
+    return {name: values[order] for name, values in cols.items()}
+
+
+def fingerprint(data_root: str, paths: np.ndarray, crcs: np.ndarray) -> str:
+    """SHA-256 over each image's path under the data root and the CRC-32 of its bytes."""
+    root = _norm(data_root).rstrip("/") + "/"
+    lines = sorted(
+        f"{_norm(str(p)).removeprefix(root)}\t{int(c)}" for p, c in zip(paths, crcs, strict=True)
+    )
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def evaluate(
+    ref: ModelRef, plan: EvalPlan, name: str, *, actors: int = 1, data_uri: str
+) -> dict[str, Any]:
+    """Score, measure, and write `<run>/eval/<name>/`; returns what metrics.json holds."""
+    start = time.time()
+    out = ref.layout.evaluation(name)
+    lease = acquire(
+        out.join(LEASE),
+        job="tlctl evaluate",
+        what=f"evaluation '{name}' of run {ref.layout.uri}",
+        prune_empty_parent=True,
+    )
+    with lease.start():
+        cols = score(ref, plan, actors=actors)
+        classes = list(ref.model.info["classes"])
+        k = int(cols["topk_index"].shape[1])
+        metrics = classification_metrics(
+            cols["label"],
+            cols["prediction"],
+            cols["confidence"],
+            cols["topk_hit"],
+            cols["nll"],
+            classes,
+            k=k,
+        )
+        metrics.update(
+            name=name,
+            run=ref.layout.name,
+            run_uri=ref.layout.uri,
+            model_ref=ref.text,
+            model_manifest_sha256=ref.model.manifest_sha256,
+            data=data_uri,
+            data_fingerprint=fingerprint(plan.data.path, cols["path"], cols["crc"]),
+            precision_mode="fp32",
+            calibration=calibration_bins(cols["confidence"], cols["label"] == cols["prediction"]),
+            evaluated_at=time.time(),
+            wall_s=round(time.time() - start, 3),
+        )
+        _write_outputs(out, cols, metrics, classes, ref, plan)
+        write_text(out.join(EVAL_METRICS), json.dumps(metrics, indent=1, sort_keys=True))
+    return metrics
+
+
+def _write_outputs(
+    out: Location,
+    cols: dict[str, np.ndarray],
+    metrics: dict[str, Any],
+    classes: list[str],
+    ref: ModelRef,
+    plan: EvalPlan,
+) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    names = np.asarray(classes, dtype=object)
+    table = pa.table(
+        {
+            "path": cols["path"].astype(str),
+            "label": names[cols["label"]].astype(str),
+            "prediction": names[cols["prediction"]].astype(str),
+            "confidence": cols["confidence"],
+            "correct": cols["label"] == cols["prediction"],
+        }
+    )
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    write_bytes(out.join(EVAL_PREDICTIONS), buf.getvalue())
+    confusion, reliability, errors = EVAL_FILES
+    write_bytes(out.join(confusion), _confusion_png(metrics))
+    write_bytes(out.join(reliability), _reliability_png(metrics))
+    size = int(ref.model.info["image_size"])
+    write_text(out.join(errors), _errors_html(cols, classes, plan, size, ref.text))
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    _figure().close(fig)
+    return buf.getvalue()
+
+
+def _confusion_png(metrics: dict[str, Any]) -> bytes:
+    """Row-normalized confusion matrix; for many classes, the most confused pairs."""
+    plt = _figure()
+    classes = metrics["classes"]
+    m = np.asarray(metrics["confusion"], dtype=np.float64)
+    rows = m / np.maximum(m.sum(axis=1, keepdims=True), 1)
+    if len(classes) <= CONFUSION_GRID_MAX:
+        side = max(4.0, 0.4 * len(classes) + 2)
+        fig, ax = plt.subplots(figsize=(side, side))
+        ax.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+        ax.set_xticks(range(len(classes)), classes, rotation=90)
+        ax.set_yticks(range(len(classes)), classes)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(f"confusion (row-normalized), top-1 {metrics['top1']:.1%}")
+        return _png(fig)
+    off = rows.copy()
+    np.fill_diagonal(off, 0)
+    pairs = np.dstack(np.unravel_index(np.argsort(off, axis=None)[::-1][:20], off.shape))[0]
+    fig, ax = plt.subplots(figsize=(7, 6))
+    ax.barh(
+        [f"{classes[i]} → {classes[j]}" for i, j in pairs][::-1],
+        [off[i, j] for i, j in pairs][::-1],
+    )
+    ax.set_xlabel("share of the true class predicted as the other")
+    ax.set_title("most confused pairs")
+    return _png(fig)
+
+
+def _reliability_png(metrics: dict[str, Any]) -> bytes:
+    plt = _figure()
+    bins = metrics["calibration"]
+    fig, ax = plt.subplots(figsize=(5, 5))
+    centers = [(b["lo"] + b["hi"]) / 2 for b in bins]
+    ax.bar(centers, [b["accuracy"] for b in bins], width=1 / len(bins), edgecolor="k", alpha=0.7)
+    ax.plot([0, 1], [0, 1], "--", color="gray")
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"reliability, ECE {metrics['ece']:.3f} ({metrics['ece_bins']} bins)")
+    return _png(fig)
+
+
+def _errors_html(
+    cols: dict[str, np.ndarray], classes: list[str], plan: EvalPlan, size: int, title: str
+) -> str:
+    """The most confident mistakes, as thumbnails (decoded as the model saw them)."""
+    from PIL import Image
+
+    wrong = np.flatnonzero(cols["label"] != cols["prediction"])
+    wrong = wrong[np.argsort(-cols["confidence"][wrong], kind="stable")][:ERRORS_SHOWN]
+    cells = []
+    for i in wrong:
+        path = str(cols["path"][i])
+        loc = plan.data.join(_norm(path).removeprefix(_norm(plan.data.path).rstrip("/") + "/"))
+        png = io.BytesIO()
+        Image.fromarray(decode_image(read_bytes(loc), size, path)).save(png, format="PNG")
+        src = base64.b64encode(png.getvalue()).decode()
+        cells.append(
+            f'<figure><img src="data:image/png;base64,{src}" width="96" height="96">'
+            f"<figcaption>{html.escape(path.rsplit('/', 1)[-1])}<br>true "
+            f"{html.escape(classes[cols['label'][i]])}<br>predicted "
+            f"{html.escape(classes[cols['prediction'][i]])} "
+            f"({cols['confidence'][i]:.1%})</figcaption></figure>"
+        )
+    body = "".join(cells) or "<p>No mistakes.</p>"
+    return (
+        "<!doctype html><meta charset='utf-8'><title>errors</title>"
+        "<style>body{font-family:sans-serif}figure{display:inline-block;margin:6px;"
+        "font-size:12px;width:120px}img{image-rendering:pixelated}</style>"
+        f"<h1>Most confident mistakes: {html.escape(title)}</h1>{body}"
+    )

@@ -49,7 +49,7 @@ class EvalPlan:
 
 def plan_evaluation(data_uri: str, endpoint: str | None, classes: list[str]) -> EvalPlan:
     """List an ImageFolder tree; a class the model does not know is exit 2, naming it."""
-    loc = resolve(data_uri, endpoint)
+    loc = resolve(data_uri, endpoint, field="--data", endpoint_field="--endpoint")
     data_classes, by_class = scan_imagefolder(loc, "--data")
     unknown = [c for c in data_classes if c not in classes]
     if unknown:

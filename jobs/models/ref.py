@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from jobs.errors import TlctlError
-from jobs.models.registry import Registry, RunModel
+from jobs.models.registry import NAME_RE, Registry, RunModel
 from jobs.storage.layout import RunLayout
 from jobs.storage.location import resolve
 
@@ -43,8 +43,8 @@ def resolve_ref(ref: str, storage: str | None, endpoint: str | None) -> ModelRef
                 "(its manifest's SHA-256 differs); promote it again if that is intended"
             )
         return ModelRef(ref, run, pointer)
-    if "://" in ref or ref.startswith(("/", ".")):
-        layout = RunLayout.at(ref, endpoint)
+    if not NAME_RE.fullmatch(ref):  # not a run name: a URI (checked by the one URI rule)
+        layout = RunLayout(resolve(ref, endpoint, field="RUN", endpoint_field="--endpoint"))
     else:
         if storage is None:
             raise TlctlError(f"--storage: needed to find run {ref!r} (or give its URI)")

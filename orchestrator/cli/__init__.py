@@ -15,7 +15,7 @@ from jobs.driver.settings import apply_process_settings
 from jobs.errors import TlctlError
 from orchestrator.cli.cluster import cluster_app
 from orchestrator.cli.data import data_app, list_backbones
-from orchestrator.cli.evaluate import evaluate
+from orchestrator.cli.evaluate import evaluate, predict
 from orchestrator.cli.jobs import jobs_app
 from orchestrator.cli.models import models_app
 from orchestrator.cli.runs import report, runs_app
@@ -43,6 +43,7 @@ app.command()(validate)
 app.command("backbones")(list_backbones)
 app.command()(report)
 app.command()(evaluate)
+app.command()(predict)
 app.add_typer(data_app, name="data")
 app.add_typer(runs_app, name="runs")
 app.add_typer(jobs_app, name="jobs")

@@ -94,3 +94,54 @@ def _start_ray(verbose: bool) -> bool:
     )
     quiet_ray(verbose)
     return True
+
+
+@guarded
+def predict(
+    run: Annotated[str, typer.Argument(help="RUN name, run URI, or MODEL@ALIAS.")],
+    input_uri: Annotated[
+        str, typer.Option("--input", help="Images: a folder or prefix (dir or s3://), recursive.")
+    ],
+    output: Annotated[str, typer.Option("--output", help="Where the predictions go (new).")],
+    storage: StorageOpt,
+    endpoint: EndpointOpt = None,
+    top_k: Annotated[
+        int | None,
+        typer.Option("--top-k", help="Labels and probabilities kept (default 5, or all if fewer)."),
+    ] = None,
+    fmt: Annotated[str, typer.Option("--format", help="parquet or csv.")] = "parquet",
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace what is at --output.")
+    ] = False,
+    json_out: JsonOpt = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Ray's own logs.")] = False,
+) -> None:
+    """Batch inference on local Ray: one row per image (path, label, confidence, top-k, or
+    the image's error), written to --output with a _meta.json."""
+    from jobs.models.predict import plan_prediction, predict
+    from jobs.models.ref import resolve_ref
+    from orchestrator.display import console, emit_json
+
+    ref = resolve_ref(run, storage, endpoint)
+    classes = list(ref.model.info["classes"])
+    top_k = min(5, len(classes)) if top_k is None else top_k
+    plan = plan_prediction(
+        input_uri, output, endpoint, classes=classes, top_k=top_k, fmt=fmt, overwrite=overwrite
+    )
+    started = _start_ray(verbose)
+    try:
+        meta = predict(ref, plan, actors=1)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    if json_out:
+        emit_json(meta)
+        return
+    console.print(
+        f"{meta['rows']} images predicted with {meta['model_ref']} in {meta['wall_s']:.1f} s "
+        f"({meta['errors']} unreadable) → {meta['output']}",
+        soft_wrap=True,
+        markup=False,
+    )

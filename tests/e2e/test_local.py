@@ -212,6 +212,70 @@ def test_evaluate_reproduces_the_runs_val_metrics_and_writes_its_record(
     assert not exists(run.join("eval", "odd"))
 
 
+def _read_predictions(env: dict, uri: str):
+    import pyarrow.dataset as pads
+
+    loc = resolve(uri, env["endpoint"])
+    names = [n for n in list_dir(loc) if n.endswith(".parquet")]
+    return pads.dataset([loc.join(n).path for n in names], filesystem=loc.fs).to_table()
+
+
+def test_predict_reproduces_val_acc_reports_bad_images_and_never_duplicates(
+    env: dict, plain_run: str, tmp_path: Path
+) -> None:
+    storage = ["--storage", env["storage"], "--endpoint", env["endpoint"]]
+    run = run_loc(env, plain_run)
+    info = json.loads(read_text(run.join("model", "model.json")))
+    images = tmp_path / "incoming"
+    for f in (env["tmp"] / "val").rglob("*.png"):
+        (images / f.parent.name).mkdir(parents=True, exist_ok=True)
+        (images / f.parent.name / f.name).write_bytes(f.read_bytes())
+    (images / "broken.png").write_bytes(b"not an image")
+    out = f"s3://{env['bucket']}/preds/one"
+    args = ["predict", plain_run, "--input", str(images), "--output", out, *storage]
+    done = runner.invoke(app, [*args, "--json"])
+    assert done.exit_code == 0, done.output
+    meta = json.loads(done.stdout)
+    assert (meta["images"], meta["rows"], meta["errors"]) == (241, 241, 1)
+    table = _read_predictions(env, out).to_pylist()
+    bad = [r for r in table if r["error"]]
+    assert len(bad) == 1 and bad[0]["path"].endswith("broken.png")
+    assert bad[0]["prediction"] is None and "broken.png" in bad[0]["error"]
+    good = [r for r in table if not r["error"]]
+    correct = sum(r["prediction"] == r["path"].split("/")[-2] for r in good)
+    assert correct / len(good) == pytest.approx(info["metrics"]["val_acc"], abs=1e-12)
+    assert all(len(r["topk_labels"]) == 5 and r["topk_labels"][0] == r["prediction"] for r in good)
+    assert all(abs(r["topk_probs"][0] - r["confidence"]) < 1e-12 for r in good)
+
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "exists already" in again.output
+    replaced = runner.invoke(app, [*args, "--overwrite", "--format", "csv", "--top-k", "2"])
+    assert replaced.exit_code == 0, replaced.output
+    names = list_dir(resolve(out, env["endpoint"]))
+    assert not any(n.endswith(".parquet") for n in names)  # the old files are gone
+    rows = [
+        line
+        for n in names
+        if n.endswith(".csv")
+        for line in read_text(resolve(out, env["endpoint"]).join(n)).splitlines()[1:]
+    ]
+    assert len(rows) == 241  # replaced, never appended
+    for bad_args, words in (
+        (["--top-k", "7"], "--top-k: 7 is out of range for a model of 6 classes"),
+        (["--format", "xml"], "--format: 'xml'"),
+    ):
+        refused = runner.invoke(app, [*args, "--overwrite", *bad_args])
+        assert refused.exit_code == 2 and words in refused.output, refused.output
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    nothing = runner.invoke(
+        app,
+        ["predict", plain_run, "--input", str(empty), "--output", str(tmp_path / "o")] + storage,
+    )
+    assert nothing.exit_code == 2 and "no images under" in nothing.output
+    assert not (tmp_path / "o").exists()
+
+
 def test_same_name_resumes_from_last_epoch(env: dict) -> None:
     spec = write_spec(env, "resume-me")
     assert submit(spec).exit_code == 0

@@ -181,3 +181,40 @@ def test_models_cli_promote_list_show_history_rollback(tmp_path) -> None:
         assert bad.exit_code == 2, (args, bad.output)
         assert words in bad.output and "Traceback" not in bad.output
     assert list_dir(root.join("_models", "flowers", "aliases")) == ["champion.json"]
+
+
+def test_evaluate_and_predict_refuse_bad_input_before_ray(tmp_path, monkeypatch) -> None:
+    """One line, exit 2, nothing written, Ray never started (ray.init would raise here)."""
+    import ray
+
+    def no_ray(*_a, **_k):
+        raise AssertionError("ray.init reached")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    root = resolve(str(tmp_path / "runs"))
+    make_run(root, "run-a")
+    images = tmp_path / "images"
+    (images / "cat").mkdir(parents=True)
+    storage = ["--storage", root.uri]
+    cases = (
+        (["evaluate", "run-a", "--data", "gs://b/test"], "--data: unsupported scheme 'gs://'"),
+        (["evaluate", "run-a", "--data", str(images), "--name", "Bad/Name"], "--name: 'Bad/Name'"),
+        (["evaluate", "s3:/b/runs/x", "--data", str(images)], "RUN: malformed 's3:/b/runs/x'"),
+        (["evaluate", "nope@champion", "--data", str(images)], "no model 'nope'"),
+        (["predict", "run-a", "--input", str(images), "--output", "s3:b/o"], "--output: malformed"),
+        (
+            ["predict", "run-a", "--input", str(images), "--output", str(tmp_path / "o")],
+            "no images",
+        ),
+        (
+            ["predict", "run-a", "--input", str(tmp_path), "--output", str(tmp_path / "x" / "o")],
+            "is inside --input",
+        ),
+    )
+    for args, words in cases:
+        out = runner.invoke(app, [*args, *storage])
+        assert out.exit_code == 2, (args, out.output)
+        assert words in out.output and "Traceback" not in out.output, (args, out.output)
+        assert len(out.output.strip().splitlines()) == 1, out.output
+    assert not (tmp_path / "o").exists() and not (tmp_path / "x").exists()
+    assert not (tmp_path / "runs" / "run-a" / "eval").exists()

@@ -26,7 +26,8 @@ from jobs.data.plan import scan_imagefolder
 from jobs.errors import TlctlError
 from jobs.models.metrics import calibration_bins, classification_metrics
 from jobs.models.ref import ModelRef
-from jobs.models.scoring import Scorer
+from jobs.models.registry import NAME_RE
+from jobs.models.scoring import scored
 from jobs.storage.layout import EVAL_FILES, EVAL_METRICS, EVAL_PREDICTIONS, LEASE
 from jobs.storage.lease import acquire
 from jobs.storage.location import Location, read_bytes, resolve, write_bytes, write_text
@@ -34,7 +35,6 @@ from jobs.storage.location import Location, read_bytes, resolve, write_bytes, wr
 TOP_K = 5
 ERRORS_SHOWN = 24
 CONFUSION_GRID_MAX = 30  # classes; above it, the most confused pairs
-NAME_RE = re.compile(r"[a-z0-9][a-z0-9\-_.]{0,62}")
 
 
 @dataclass(frozen=True)
@@ -110,19 +110,7 @@ def score(ref: ModelRef, plan: EvalPlan, *, actors: int = 1) -> dict[str, np.nda
         batch_size=DECODE_BATCH,
         batch_format="numpy",
     )
-    ds = ds.map_batches(
-        Scorer,
-        fn_constructor_kwargs={
-            "run_uri": ref.layout.uri,
-            "endpoint": ref.layout.root.endpoint,
-            "manifest_sha256": ref.model.manifest_sha256,
-            "k": k,
-        },
-        concurrency=actors,
-        num_cpus=1,
-        batch_size=DECODE_BATCH,
-        batch_format="numpy",
-    )
+    ds = scored(ds, ref, k, actors=actors, batch_size=DECODE_BATCH)
     parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
     if not parts:
         raise TlctlError("--data: no images were read")

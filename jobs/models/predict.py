@@ -22,7 +22,7 @@ from jobs.data.pipeline import DECODE_BATCH, decode_image
 from jobs.data.plan import IMAGE_EXTENSIONS
 from jobs.errors import CORRUPT_MARKER, TlctlError
 from jobs.models.ref import ModelRef
-from jobs.models.scoring import Scorer
+from jobs.models.scoring import scored
 from jobs.storage.location import Location, delete_tree, exists, list_dir, resolve, write_text
 
 PREDICT_META = "_meta.json"
@@ -186,19 +186,7 @@ def predict(ref: ModelRef, plan: PredictPlan, *, actors: int = 1) -> dict[str, A
         batch_size=DECODE_BATCH,
         batch_format="numpy",
     )
-    ds = ds.map_batches(
-        Scorer,
-        fn_constructor_kwargs={
-            "run_uri": ref.layout.uri,
-            "endpoint": ref.layout.root.endpoint,
-            "manifest_sha256": ref.model.manifest_sha256,
-            "k": plan.top_k,
-        },
-        concurrency=actors,
-        num_cpus=1,
-        batch_size=DECODE_BATCH,
-        batch_format="numpy",
-    )
+    ds = scored(ds, ref, plan.top_k, actors=actors, batch_size=DECODE_BATCH)
     scheme = "s3://" if plan.source.is_s3 else ""
     ds = ds.map_batches(
         _rows, fn_kwargs={"classes": classes, "scheme": scheme}, batch_format="numpy"

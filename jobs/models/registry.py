@@ -29,12 +29,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jobs.errors import TlctlError
+from jobs.spec.model import NAME_RE  # a model name follows the run-name rule
 from jobs.storage.conditional import backend_for
 from jobs.storage.layout import ALIASES, HISTORY, MANIFEST, MODEL_INFO, REGISTRY, RunLayout
 from jobs.storage.location import Location, exists, list_dir
 from jobs.storage.manifest import read_verified
 
-NAME_RE = re.compile(r"[a-z0-9][a-z0-9\-_.]{0,62}")  # a model: the same rule as a run name
 ALIAS_RE = re.compile(r"[a-z][a-z0-9\-_]{0,31}")
 DEFAULT_ALIAS = "champion"
 FORMAT = "tlctl-alias/1"

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from jobs.errors import TlctlError
+from jobs.models.ref import ModelRef
 from jobs.models.registry import RunModel
 from jobs.storage.layout import MODEL_INFO, WEIGHTS, RunLayout
 
@@ -75,3 +76,20 @@ class Scorer:
             out["nll"] = (-logp.gather(1, labels[:, None])[:, 0]).numpy().astype(np.float64)
             out["topk_hit"] = (top_idx == labels[:, None]).any(dim=1).numpy()
         return out
+
+
+def scored(ds, ref: ModelRef, k: int, *, actors: int, batch_size: int):  # -> ray.data.Dataset
+    """`ds` (decoded images) through a pool of `actors` Scorers of `ref`'s model, top `k`."""
+    return ds.map_batches(
+        Scorer,
+        fn_constructor_kwargs={
+            "run_uri": ref.layout.uri,
+            "endpoint": ref.layout.root.endpoint,
+            "manifest_sha256": ref.model.manifest_sha256,
+            "k": k,
+        },
+        concurrency=actors,
+        num_cpus=1,
+        batch_size=batch_size,
+        batch_format="numpy",
+    )

@@ -30,6 +30,7 @@ tlctl evaluate quickstart --data data/target/test "${S[@]}"   # 4. held-out metr
 tlctl models promote quickstart --model shapes --reason "quickstart" "${S[@]}"   # 5. champion
 tlctl predict shapes@champion --input data/incoming --output s3://tlctl/predictions/incoming \
   --overwrite "${S[@]}"                                        # 6. batch inference via the alias
+tlctl export shapes@champion --format onnx "${S[@]}"           # 7. ONNX, verified in onnxruntime
 
 cat <<MSG
 
@@ -38,7 +39,8 @@ The S3 server is still running, so you can explore the runs:
   tlctl runs show quickstart --storage s3://tlctl/runs --endpoint http://127.0.0.1:9000
   tlctl models history shapes --storage s3://tlctl/runs --endpoint http://127.0.0.1:9000
 The evaluation (metrics.json, confusion.png, reliability.png, errors.html) is under
-s3://tlctl/runs/quickstart/eval/test/, the predictions under s3://tlctl/predictions/incoming/.
+s3://tlctl/runs/quickstart/eval/test/, the predictions under s3://tlctl/predictions/incoming/,
+the ONNX model (uint8 NHWC images in, logits out) under s3://tlctl/runs/quickstart/export/onnx/.
 Next, a Ray Tune search over freeze depth and learning rate on the same data (a few more
 minutes), its ranked trials and a visual report:
   tlctl submit examples/search.yaml --local

@@ -114,7 +114,7 @@ def _decode_files(batch: dict[str, Any], size: int, label_of: dict[str, int]) ->
 def _decode_rows(
     batch: dict[str, Any], size: int, image_column: str, label_column: str, index: dict[str, int]
 ) -> dict[str, Any]:
-    raws = [_row_bytes(v, image_column, i) for i, v in enumerate(batch[image_column])]
+    raws = [row_bytes(v, image_column, i) for i, v in enumerate(batch[image_column])]
     images = [
         decode_image(raw, size, f"parquet row (column {image_column}, #{i})")
         for i, raw in enumerate(raws)
@@ -127,7 +127,7 @@ def _decode_rows(
     }
 
 
-def _row_bytes(value: Any, image_column: str, i: int) -> bytes:
+def row_bytes(value: Any, image_column: str, i: int) -> bytes:
     """A row's image bytes (plain or Ray/Hugging Face's {bytes: ...}); a null is named."""
     raw = value.get("bytes") if isinstance(value, dict) else value
     if raw is None:

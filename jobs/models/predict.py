@@ -39,7 +39,7 @@ class PredictPlan:
     top_k: int
 
 
-def _local_images(root: str) -> list[str]:
+def _local_images(root: str, field: str) -> list[str]:
     """Image files under `root` (directory symlinks are not followed: no loops); an entry
     that is not a regular file (a device behind a symlink) is refused by name."""
     found, odd = [], []
@@ -60,7 +60,7 @@ def _local_images(root: str) -> list[str]:
                 found.append(path)
     if odd:
         raise TlctlError(
-            f"--input: {len(odd)} image entr{'y is' if len(odd) == 1 else 'ies are'} not "
+            f"{field}: {len(odd)} image entr{'y is' if len(odd) == 1 else 'ies are'} not "
             f"readable regular files: {', '.join(odd[:MAX_LISTED])} (remove or replace them)"
         )
     return found
@@ -77,6 +77,23 @@ def _remote_images(loc: Location) -> list[str]:
         and not i.base_name.startswith(".")
         and i.base_name.lower().endswith(IMAGE_EXTENSIONS)
     )
+
+
+def list_images(loc: Location, field: str) -> list[str]:
+    """The image files under a folder or prefix, recursively; none is an error naming
+    `field` (the flag that gave it)."""
+    if loc.is_s3:
+        files = _remote_images(loc)
+    elif os.path.isdir(loc.path):
+        files = _local_images(loc.path, field)
+    else:
+        raise TlctlError(f"{field}: {loc.uri} is not a directory")
+    if not files:
+        raise TlctlError(
+            f"{field}: no images under {loc.uri} ({', '.join(IMAGE_EXTENSIONS)}; hidden "
+            "files are skipped)"
+        )
+    return files
 
 
 def plan_prediction(
@@ -104,17 +121,7 @@ def plan_prediction(
         source.path.rstrip("/") + "/"
     ):
         raise TlctlError(f"--output: {output.uri} is inside --input {source.uri}; choose another")
-    if source.is_s3:
-        files = _remote_images(source)
-    elif os.path.isdir(source.path):
-        files = _local_images(source.path)
-    else:
-        raise TlctlError(f"--input: {source.uri} is not a directory")
-    if not files:
-        raise TlctlError(
-            f"--input: no images under {source.uri} ({', '.join(IMAGE_EXTENSIONS)}; hidden "
-            "files are skipped)"
-        )
+    files = list_images(source, "--input")
     if exists(output) and list_dir(output) and not overwrite:
         raise TlctlError(
             f"--output: {output.uri} exists already; choose a new location or pass --overwrite "

@@ -40,6 +40,9 @@ EVAL = "eval"
 EVAL_METRICS = "metrics.json"
 EVAL_PREDICTIONS = "predictions.parquet"
 EVAL_FILES = ("confusion.png", "reliability.png", "errors.html")
+EXPORT = "export"
+EXPORT_INFO = "export.json"
+EXPORT_FILES = {"pt2": "model.pt2", "onnx": "model.onnx"}  # by `tlctl export --format`
 # The model registry, at the storage root beside the runs (a run name never starts with _).
 REGISTRY = "_models"
 ALIASES = "aliases"
@@ -89,6 +92,12 @@ LAYOUT: tuple[tuple[str, str], ...] = (
         f"`tlctl evaluate`: {EVAL_METRICS} (top-1/top-k, NLL, ECE, per-class precision/recall/"
         f"F1, confusion matrix, the data's fingerprint), {EVAL_PREDICTIONS} (one row per "
         f"image), {', '.join(EVAL_FILES)}",
+    ),
+    (
+        f"{EXPORT}/<format>/",
+        f"`tlctl export`: {' or '.join(EXPORT_FILES.values())} (uint8 NHWC in, logits out, "
+        f"normalization inside), {EXPORT_INFO} (input/output contract, versions, the "
+        f"verification against eager), {MANIFEST} (sizes + SHA-256, written last)",
     ),
     (
         LEASE,
@@ -183,6 +192,9 @@ class RunLayout:
 
     def evaluation(self, name: str) -> Location:
         return self.root.join(EVAL, name)
+
+    def export(self, fmt: str) -> Location:
+        return self.root.join(EXPORT, fmt)
 
     @property
     def model_info(self) -> Location:

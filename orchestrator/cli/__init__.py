@@ -16,6 +16,7 @@ from jobs.errors import TlctlError
 from orchestrator.cli.cluster import cluster_app
 from orchestrator.cli.data import data_app, list_backbones
 from orchestrator.cli.evaluate import evaluate, predict
+from orchestrator.cli.export import export
 from orchestrator.cli.jobs import jobs_app
 from orchestrator.cli.models import models_app
 from orchestrator.cli.runs import report, runs_app
@@ -44,6 +45,7 @@ app.command("backbones")(list_backbones)
 app.command()(report)
 app.command()(evaluate)
 app.command()(predict)
+app.command()(export)
 app.add_typer(data_app, name="data")
 app.add_typer(runs_app, name="runs")
 app.add_typer(jobs_app, name="jobs")

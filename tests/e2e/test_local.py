@@ -10,6 +10,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -472,6 +473,82 @@ def test_failure_during_training_exits_1_with_the_reason(env: dict, tmp_path: Pa
     assert result.exit_code == 1, result.output
     assert "training failed" in result.output and f"corrupt image {bad}" in result.output
     assert "Traceback" not in result.output
+
+
+def _val_batch(env: dict) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Every val image as uint8 NHWC, resized as training decodes them, with its label."""
+    classes = sorted(p.name for p in (env["tmp"] / "val").iterdir() if p.is_dir())
+    images, labels = [], []
+    for label, cls in enumerate(classes):
+        for f in sorted((env["tmp"] / "val" / cls).glob("*.png")):
+            img = Image.open(f).convert("RGB").resize((SIZE, SIZE), Image.BILINEAR)
+            images.append(np.asarray(img, dtype=np.uint8))
+            labels.append(label)
+    return np.stack(images), np.asarray(labels), classes
+
+
+def test_export_pt2_and_onnx_are_verified_stored_and_reproduce_val_acc(
+    env: dict, plain_run: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import onnxruntime
+
+    storage = ["--storage", env["storage"], "--endpoint", env["endpoint"]]
+    run = run_loc(env, plain_run)
+    info = json.loads(read_text(run.join("model", "model.json")))
+    images, labels, classes = _val_batch(env)
+    assert classes == info["classes"]
+
+    done = runner.invoke(app, ["export", plain_run, "--json", *storage])
+    assert done.exit_code == 0, done.output
+    record = json.loads(done.stdout)
+    where = run.join("export", "pt2")
+    assert record["uri"] == where.join("model.pt2").uri
+    assert verify(where) is None and not exists(where.join("lease.json"))
+    stored = json.loads(read_text(where.join("export.json")))
+    assert stored["verification"] == record["verification"] and stored["verification"]["passed"]
+    assert [c["n"] for c in stored["verification"]["batches"]] == [1, 2, 7, 64]
+    assert stored["verification"]["images_from"] == str(env["tmp"] / "val")
+    # The stored program alone (uint8 in, normalization inside) gives the run's val_acc.
+    local = tmp_path / "model.pt2"
+    local.write_bytes(read_bytes(where.join("model.pt2")))
+    program = torch.export.load(str(local)).module()  # a file this test's tlctl wrote
+    with torch.no_grad():
+        top1 = program(torch.from_numpy(images)).argmax(1).numpy()
+    assert abs((top1 == labels).mean() - info["metrics"]["val_acc"]) <= 1 / len(labels) + 1e-9
+
+    out = f"s3://{env['bucket']}/exports/onnx"
+    args = ["export", plain_run, "--format", "onnx", "--out", out, *storage]
+    onnx_done = runner.invoke(app, [*args, "--json"])
+    assert onnx_done.exit_code == 0, onnx_done.output
+    dest = resolve(out, env["endpoint"])
+    assert verify(dest) is None and sorted(list_dir(dest)) == [
+        "export.json",
+        "manifest.json",
+        "model.onnx",
+    ]
+    (tmp_path / "model.onnx").write_bytes(read_bytes(dest.join("model.onnx")))
+    session = onnxruntime.InferenceSession(str(tmp_path / "model.onnx"))
+    logits = session.run(["logits"], {"images": images})[0]  # one batch of 240: dynamic
+    assert (
+        abs((logits.argmax(1) == labels).mean() - info["metrics"]["val_acc"])
+        <= 1 / len(labels) + 1e-9
+    )
+
+    again = runner.invoke(app, args)
+    assert again.exit_code == 2 and "--out: " in again.output and "exists already" in again.output
+    # A program that disagrees with eager is refused and nothing is written.
+    import jobs.models.export as export_module
+
+    real = export_module.load_program
+
+    def off_by_half(fmt: str, path: str):
+        run = real(fmt, path)
+        return lambda x: run(x) + 0.5
+
+    monkeypatch.setattr(export_module, "load_program", off_by_half)
+    wrong = runner.invoke(app, [*args[:5], f"{out}-wrong", *storage])
+    assert wrong.exit_code == 1 and "disagrees with the eager model" in wrong.output
+    assert not exists(resolve(f"{out}-wrong", env["endpoint"]))
 
 
 def test_ctrl_c_then_resubmit_resumes(env: dict) -> None:

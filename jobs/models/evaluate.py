@@ -1,7 +1,7 @@
 """`tlctl evaluate`: a run's model measured on a labelled dataset, every image exactly once.
 
-Ray Data reads the image files, decodes them in CPU tasks (the training decode and
-resize), and scores them in an actor pool (jobs.models.scoring, fp32); the per-image
+An actor pool reads, decodes (the training decode and resize) and scores the image files
+(jobs.models.scoring, fp32); the per-image
 results (a few numbers each) come back to this process, which computes the metrics
 (jobs.models.metrics) and writes `<run>/eval/<name>/` under the run's evaluation lease.
 """
@@ -15,13 +15,12 @@ import io
 import json
 import re
 import time
-import zlib
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from jobs.data.pipeline import DECODE_BATCH, decode_image
+from jobs.data.pipeline import decode_image
 from jobs.data.plan import scan_imagefolder
 from jobs.errors import TlctlError
 from jobs.models.metrics import calibration_bins, classification_metrics
@@ -80,38 +79,12 @@ def _norm(path: str) -> str:
     return path.split("://", 1)[-1].lstrip("/")
 
 
-def _decode(batch: dict[str, Any], size: int, label_of: dict[str, int]) -> dict[str, Any]:
-    raws = list(batch["bytes"])
-    paths = [str(p) for p in batch["path"]]
-    return {
-        "image": np.stack([decode_image(b, size, p) for b, p in zip(raws, paths, strict=True)]),
-        "path": np.asarray(paths, dtype=object),
-        "label": np.asarray([label_of[_norm(p)] for p in paths], dtype=np.int64),
-        "crc": np.asarray([zlib.crc32(b) for b in raws], dtype=np.int64),
-    }
-
-
-def score(ref: ModelRef, plan: EvalPlan, *, actors: int = 1) -> dict[str, np.ndarray]:
+def score(ref: ModelRef, plan: EvalPlan, *, actors: int | None = None) -> dict[str, np.ndarray]:
     """Every image of the plan, scored once; columns as numpy arrays in file order."""
-    import ray.data
-
-    info = ref.model.info
-    k = min(TOP_K, len(info["classes"]))
-    label_of = {_norm(f): lab for f, lab in zip(plan.files, plan.labels, strict=True)}
-    ds = ray.data.read_binary_files(
-        plan.files,
-        filesystem=plan.data.fs,
-        include_paths=True,
-        override_num_blocks=max(1, min(64, len(plan.files) // DECODE_BATCH)),
+    k = min(TOP_K, len(ref.model.info["classes"]))
+    parts = list(
+        scored(plan.data, plan.files, ref, k, labels=plan.labels, strict=True, actors=actors)
     )
-    ds = ds.map_batches(
-        _decode,
-        fn_kwargs={"size": int(info["image_size"]), "label_of": label_of},
-        batch_size=DECODE_BATCH,
-        batch_format="numpy",
-    )
-    ds = scored(ds, ref, k, actors=actors, batch_size=DECODE_BATCH)
-    parts = list(ds.iter_batches(batch_size=None, batch_format="numpy"))
     if not parts:
         raise TlctlError("--data: no images were read")
     cols = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
@@ -129,7 +102,7 @@ def fingerprint(data_root: str, paths: np.ndarray, crcs: np.ndarray) -> str:
 
 
 def evaluate(
-    ref: ModelRef, plan: EvalPlan, name: str, *, actors: int = 1, data_uri: str
+    ref: ModelRef, plan: EvalPlan, name: str, *, actors: int | None = None, data_uri: str
 ) -> dict[str, Any]:
     """Score, measure, and write `<run>/eval/<name>/`; returns what metrics.json holds."""
     start = time.time()

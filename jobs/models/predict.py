@@ -1,10 +1,11 @@
 """`tlctl predict`: batch inference with a run's model over a folder or prefix of images.
 
-Ray Data reads the files, decodes them in CPU tasks (the training decode and resize; an
-image that does not decode becomes a row with its `error`, not a failed job), scores them
-in an actor pool (jobs.models.scoring) and writes Parquet or CSV files under the output
-location, which must be new (or `overwrite`: its old files are removed first, so a re-run
-never duplicates rows); `_meta.json` is written last: the model, its digest, row counts.
+An actor pool (jobs.models.scoring) reads, decodes (the training decode and resize) and
+scores the files; an image that does not decode becomes a row with its `error`, not a
+failed job. The rows stream back to this process, which writes them as Parquet or CSV part
+files under the output location, which must be new (or `overwrite`: its old files are
+removed first, so a re-run never duplicates rows); `_meta.json` is written last: the
+model, its digest, row counts.
 """
 
 from __future__ import annotations
@@ -18,9 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from jobs.data.pipeline import DECODE_BATCH, decode_image
 from jobs.data.plan import IMAGE_EXTENSIONS
-from jobs.errors import CORRUPT_MARKER, TlctlError
+from jobs.errors import TlctlError
 from jobs.models.ref import ModelRef
 from jobs.models.scoring import scored
 from jobs.storage.location import Location, delete_tree, exists, list_dir, resolve, write_text
@@ -28,6 +28,7 @@ from jobs.storage.location import Location, delete_tree, exists, list_dir, resol
 PREDICT_META = "_meta.json"
 FORMATS = ("parquet", "csv")
 MAX_LISTED = 5
+ROWS_PER_PART = 100_000
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class PredictPlan:
     output: Location
     fmt: str
     top_k: int
+    all_probs: bool = False
 
 
 def _local_images(root: str, field: str) -> list[str]:
@@ -105,6 +107,7 @@ def plan_prediction(
     top_k: int,
     fmt: str,
     overwrite: bool,
+    all_probs: bool = False,
 ) -> PredictPlan:
     """Everything checked before Ray starts: the input has images, top-k fits, the output
     is new (or may be overwritten) and is not inside the input."""
@@ -127,83 +130,110 @@ def plan_prediction(
             f"--output: {output.uri} exists already; choose a new location or pass --overwrite "
             "(its files are then replaced)"
         )
-    return PredictPlan(source, files, output, fmt, top_k)
+    return PredictPlan(source, files, output, fmt, top_k, all_probs)
 
 
-def _decode_or_error(batch: dict[str, Any], size: int) -> dict[str, Any]:
-    images, errors = [], []
-    for raw, path in zip(batch["bytes"], batch["path"], strict=True):
-        try:
-            images.append(decode_image(raw, size, str(path)))
-            errors.append("")
-        except ValueError as exc:
-            images.append(np.zeros((size, size, 3), dtype=np.uint8))
-            errors.append(str(exc).replace(f"{CORRUPT_MARKER} ", "", 1))
-    return {
-        "image": np.stack(images),
-        "path": np.asarray([str(p) for p in batch["path"]], dtype=object),
-        "error": np.asarray(errors, dtype=object),
-    }
-
-
-def _rows(batch: dict[str, Any], classes: list[str], scheme: str):  # -> pandas.DataFrame
-    """Scorer output → the output columns; a row with an error has no prediction."""
-    import pandas as pd
+def _table(batch: dict[str, Any], classes: list[str], scheme: str, all_probs: bool):
+    """Scorer output → the output columns (pyarrow); a row with an error has no prediction."""
+    import pyarrow as pa
 
     names = np.asarray(classes, dtype=object)
-    bad = batch["error"] != ""
+    good = batch["error"] == ""
     index = batch["prediction"].astype(np.int64)
-    return pd.DataFrame(
-        {
-            "path": [scheme + str(p) for p in batch["path"]],
-            "prediction": pd.Series(np.where(bad, None, names[index]), dtype=object),
-            "index": pd.array(np.where(bad, None, index), dtype="Int64"),
-            "confidence": pd.array(np.where(bad, None, batch["confidence"]), dtype="Float64"),
-            "topk_labels": [
-                None if b else [str(n) for n in names[t]]
-                for b, t in zip(bad, batch["topk_index"], strict=True)
-            ],
-            "topk_probs": [
-                None if b else [float(v) for v in p]
-                for b, p in zip(bad, batch["topk_prob"], strict=True)
-            ],
-            "error": pd.Series(np.where(bad, batch["error"], None), dtype=object),
-        }
+    mask = ~good
+
+    def listed(values: np.ndarray, of) -> pa.Array:
+        return pa.array([of(v) if g else None for g, v in zip(good, values, strict=True)])
+
+    columns = {
+        "path": pa.array([scheme + str(p) for p in batch["path"]], type=pa.string()),
+        "prediction": pa.array(names[index].astype(str), type=pa.string(), mask=mask),
+        "index": pa.array(index, type=pa.int64(), mask=mask),
+        "confidence": pa.array(batch["confidence"], type=pa.float64(), mask=mask),
+        "topk_labels": listed(batch["topk_index"], lambda t: [str(n) for n in names[t]]),
+        "topk_probs": listed(batch["topk_prob"], lambda v: [float(x) for x in v]),
+    }
+    if all_probs:
+        columns["probs"] = listed(batch["probs"], lambda v: [float(x) for x in v])
+    columns["error"] = pa.array(
+        [None if g else str(e) for g, e in zip(good, batch["error"], strict=True)],
+        type=pa.string(),
     )
+    return pa.table(columns)
 
 
-def predict(ref: ModelRef, plan: PredictPlan, *, actors: int = 1) -> dict[str, Any]:
+def _as_csv(table):  # -> pyarrow.Table with the list columns joined by "|"
+    import pyarrow as pa
+
+    for i, name in enumerate(table.column_names):
+        if pa.types.is_list(table.schema.field(name).type):
+            joined = [
+                "" if v is None else "|".join(map(str, v)) for v in table.column(name).to_pylist()
+            ]
+            table = table.set_column(i, name, pa.array(joined, type=pa.string()))
+    return table
+
+
+class _PartWriter:
+    """The output as part files of at most ROWS_PER_PART rows, written by this process
+    alone (the only writer of --output), in the order the batches arrive."""
+
+    def __init__(self, out: Location, fmt: str) -> None:
+        self.out, self.fmt, self.part, self.writer, self.rows = out, fmt, 0, None, 0
+
+    def write(self, table) -> None:
+        import pyarrow.csv as pacsv
+        import pyarrow.parquet as pq
+
+        if self.writer is None:
+            if not self.out.is_s3:
+                self.out.fs.create_dir(self.out.path, recursive=True)
+            loc = self.out.join(f"part-{self.part:05d}.{self.fmt}")
+            self.stream = loc.fs.open_output_stream(loc.path)
+            self.writer = (
+                pq.ParquetWriter(self.stream, table.schema)
+                if self.fmt == "parquet"
+                else pacsv.CSVWriter(self.stream, _as_csv(table).schema)
+            )
+        self.writer.write_table(table if self.fmt == "parquet" else _as_csv(table))
+        self.rows += table.num_rows
+        if self.rows >= ROWS_PER_PART:
+            self.close()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.stream.close()
+            self.writer, self.rows, self.part = None, 0, self.part + 1
+
+
+def predict(ref: ModelRef, plan: PredictPlan, *, actors: int | None = None) -> dict[str, Any]:
     """Run the inference and write the output; returns what `_meta.json` holds."""
-    import ray.data
-
     start = time.time()
     if exists(plan.output):
         delete_tree(plan.output)  # --overwrite (checked in the plan)
-    info = ref.model.info
-    classes = list(info["classes"])
-    ds = ray.data.read_binary_files(
-        plan.files,
-        filesystem=plan.source.fs,
-        include_paths=True,
-        override_num_blocks=max(1, min(200, len(plan.files) // DECODE_BATCH)),
-    )
-    ds = ds.map_batches(
-        _decode_or_error,
-        fn_kwargs={"size": int(info["image_size"])},
-        batch_size=DECODE_BATCH,
-        batch_format="numpy",
-    )
-    ds = scored(ds, ref, plan.top_k, actors=actors, batch_size=DECODE_BATCH)
+    classes = list(ref.model.info["classes"])
     scheme = "s3://" if plan.source.is_s3 else ""
-    ds = ds.map_batches(
-        _rows, fn_kwargs={"classes": classes, "scheme": scheme}, batch_format="numpy"
-    ).materialize()  # the results are small; inference runs once, then write and count
-    if plan.fmt == "csv":
-        ds = ds.map_batches(_flatten_lists, batch_format="pandas")
-        ds.write_csv(plan.output.path, filesystem=plan.output.fs)
-    else:
-        ds.write_parquet(plan.output.path, filesystem=plan.output.fs)
-    stats = ds.map_batches(_count, batch_format="pandas").sum(["rows", "errors"]) or {}
+    writer = _PartWriter(plan.output, plan.fmt)
+    rows = errors = 0
+    first: float | None = None
+    try:
+        for batch in scored(
+            plan.source,
+            plan.files,
+            ref,
+            plan.top_k,
+            strict=False,
+            all_probs=plan.all_probs,
+            actors=actors,
+        ):
+            first = first or time.time()
+            table = _table(batch, classes, scheme, plan.all_probs)
+            writer.write(table)
+            rows += table.num_rows
+            errors += table.num_rows - table.column("error").null_count
+    finally:
+        writer.close()
     meta = {
         "model_ref": ref.text,
         "run_uri": ref.layout.uri,
@@ -212,25 +242,14 @@ def predict(ref: ModelRef, plan: PredictPlan, *, actors: int = 1) -> dict[str, A
         "output": plan.output.uri,
         "format": plan.fmt,
         "top_k": plan.top_k,
+        "all_probs": plan.all_probs,
         "images": len(plan.files),
-        "rows": int(stats.get("sum(rows)", 0)),
-        "errors": int(stats.get("sum(errors)", 0)),
+        "rows": rows,
+        "errors": errors,
         "wall_s": round(time.time() - start, 3),
+        # until the scorer pool returned its first batch (actor start, model load)
+        "first_result_s": round((first or time.time()) - start, 3),
         "finished_at": time.time(),
     }
     write_text(plan.output.join(PREDICT_META), json.dumps(meta, indent=1, sort_keys=True))
     return meta
-
-
-def _flatten_lists(df):
-    for col in ("topk_labels", "topk_probs"):
-        df[col] = df[col].map(
-            lambda v: "|".join(map(str, v)) if isinstance(v, (list, tuple, np.ndarray)) else ""
-        )
-    return df
-
-
-def _count(df):
-    import pandas as pd
-
-    return pd.DataFrame({"rows": [len(df)], "errors": [int(df["error"].notna().sum())]})

@@ -66,7 +66,7 @@ def evaluate(
     plan = plan_evaluation(data, endpoint, list(ref.model.info["classes"]))
     started = _start_ray(verbose)
     try:
-        metrics = evaluate(ref, plan, name, data_uri=data, actors=1)
+        metrics = evaluate(ref, plan, name, data_uri=data)
     finally:
         if started:
             import ray
@@ -110,6 +110,9 @@ def predict(
         typer.Option("--top-k", help="Labels and probabilities kept (default 5, or all if fewer)."),
     ] = None,
     fmt: Annotated[str, typer.Option("--format", help="parquet or csv.")] = "parquet",
+    all_probs: Annotated[
+        bool, typer.Option("--all-probs", help="Also a probs column: every class's probability.")
+    ] = False,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace what is at --output.")
     ] = False,
@@ -126,11 +129,18 @@ def predict(
     classes = list(ref.model.info["classes"])
     top_k = min(5, len(classes)) if top_k is None else top_k
     plan = plan_prediction(
-        input_uri, output, endpoint, classes=classes, top_k=top_k, fmt=fmt, overwrite=overwrite
+        input_uri,
+        output,
+        endpoint,
+        classes=classes,
+        top_k=top_k,
+        fmt=fmt,
+        overwrite=overwrite,
+        all_probs=all_probs,
     )
     started = _start_ray(verbose)
     try:
-        meta = predict(ref, plan, actors=1)
+        meta = predict(ref, plan)
     finally:
         if started:
             import ray

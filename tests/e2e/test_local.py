@@ -234,10 +234,11 @@ def test_predict_reproduces_val_acc_reports_bad_images_and_never_duplicates(
     (images / "broken.png").write_bytes(b"not an image")
     out = f"s3://{env['bucket']}/preds/one"
     args = ["predict", plain_run, "--input", str(images), "--output", out, *storage]
-    done = runner.invoke(app, [*args, "--json"])
+    done = runner.invoke(app, [*args, "--json", "--all-probs"])
     assert done.exit_code == 0, done.output
     meta = json.loads(done.stdout)
     assert (meta["images"], meta["rows"], meta["errors"]) == (241, 241, 1)
+    assert meta["all_probs"] and 0 < meta["first_result_s"] <= meta["wall_s"]
     table = _read_predictions(env, out).to_pylist()
     bad = [r for r in table if r["error"]]
     assert len(bad) == 1 and bad[0]["path"].endswith("broken.png")
@@ -247,6 +248,10 @@ def test_predict_reproduces_val_acc_reports_bad_images_and_never_duplicates(
     assert correct / len(good) == pytest.approx(info["metrics"]["val_acc"], abs=1e-12)
     assert all(len(r["topk_labels"]) == 5 and r["topk_labels"][0] == r["prediction"] for r in good)
     assert all(abs(r["topk_probs"][0] - r["confidence"]) < 1e-12 for r in good)
+    for r in good:  # every class's probability, in the model's class order
+        assert len(r["probs"]) == 6 and abs(sum(r["probs"]) - 1) < 1e-6  # fp32 softmax
+        assert r["probs"][info["classes"].index(r["prediction"])] == r["confidence"]
+    assert bad[0]["probs"] is None
 
     again = runner.invoke(app, args)
     assert again.exit_code == 2 and "exists already" in again.output

@@ -39,6 +39,52 @@ class PredictPlan:
     fmt: str
     top_k: int
     all_probs: bool = False
+    parquet: ParquetInput | None = None  # Parquet rows instead of image files
+
+
+@dataclass(frozen=True)
+class ParquetInput:
+    """Images as a Parquet column (bytes, or Ray's/Hugging Face's {bytes: …} struct)."""
+
+    image_column: str
+    id_column: str | None  # each row's id in the output; None: <file>#<row>
+    rows: int
+
+
+def _check_parquet(
+    loc: Location, files: list[str], image_column: str, id_column: str | None
+) -> ParquetInput:
+    """Column types checked on each file's schema, before any value is read (nothing
+    is unpickled: an extension type is refused, naming the column)."""
+    import pyarrow.parquet as pq
+
+    from jobs.data.plan import VALID_IMAGE_TYPES, _image_leaf, _is_plain_scalar, _type_text
+
+    rows = 0
+    for path in files:
+        with loc.fs.open_input_file(path) as f:
+            meta = pq.ParquetFile(f)
+            schema = meta.schema_arrow
+            rows += meta.metadata.num_rows
+        for column, flag in ((image_column, "--image-column"), (id_column, "--id-column")):
+            if column is not None and column not in schema.names:
+                raise TlctlError(
+                    f"{flag}: column '{column}' not in {path} (valid: {', '.join(schema.names)})"
+                )
+        if _image_leaf(schema.field(image_column)) is None:
+            raise TlctlError(
+                f"--image-column: column '{image_column}' in {path} has type "
+                f"{_type_text(schema.field(image_column))} (valid: {VALID_IMAGE_TYPES})"
+            )
+        if id_column is not None and not _is_plain_scalar(schema.field(id_column)):
+            raise TlctlError(
+                f"--id-column: column '{id_column}' in {path} has type "
+                f"{_type_text(schema.field(id_column))} (valid: a string, integer or other "
+                "plain scalar)"
+            )
+    if rows == 0:
+        raise TlctlError(f"--input: {loc.uri} holds no rows")
+    return ParquetInput(image_column, id_column, rows)
 
 
 def _local_images(root: str, field: str) -> list[str]:
@@ -108,9 +154,12 @@ def plan_prediction(
     fmt: str,
     overwrite: bool,
     all_probs: bool = False,
+    image_column: str = "image",
+    id_column: str | None = None,
 ) -> PredictPlan:
-    """Everything checked before Ray starts: the input has images, top-k fits, the output
-    is new (or may be overwritten) and is not inside the input."""
+    """Everything checked before Ray starts: the input has images (files, or a Parquet
+    column of a type tlctl reads), top-k fits, the output is new (or may be overwritten)
+    and is not inside the input."""
     if fmt not in FORMATS:
         raise TlctlError(f"--format: {fmt!r} is not one of {', '.join(FORMATS)}")
     if not 1 <= top_k <= len(classes):
@@ -124,17 +173,34 @@ def plan_prediction(
         source.path.rstrip("/") + "/"
     ):
         raise TlctlError(f"--output: {output.uri} is inside --input {source.uri}; choose another")
-    files = list_images(source, "--input")
+    parquet = None
+    if _is_parquet(source):
+        from jobs.data.plan import _parquet_files
+
+        files = _parquet_files(source, "--input")
+        parquet = _check_parquet(source, files, image_column, id_column)
+    else:
+        files = list_images(source, "--input")
     if exists(output) and list_dir(output) and not overwrite:
         raise TlctlError(
             f"--output: {output.uri} exists already; choose a new location or pass --overwrite "
             "(its files are then replaced)"
         )
-    return PredictPlan(source, files, output, fmt, top_k, all_probs)
+    return PredictPlan(source, files, output, fmt, top_k, all_probs, parquet)
+
+
+def _is_parquet(loc: Location) -> bool:
+    """A .parquet file, or a directory with .parquet files directly in it."""
+    from jobs.data.plan import PARQUET_EXTENSIONS
+
+    if loc.path.endswith(PARQUET_EXTENSIONS):
+        return True
+    return exists(loc) and any(n.endswith(PARQUET_EXTENSIONS) for n in list_dir(loc))
 
 
 def _table(batch: dict[str, Any], classes: list[str], scheme: str, all_probs: bool):
-    """Scorer output → the output columns (pyarrow); a row with an error has no prediction."""
+    """Scorer output → the output columns (pyarrow); a row with an error has no prediction.
+    Image files are named by `path`; Parquet rows by `id`."""
     import pyarrow as pa
 
     names = np.asarray(classes, dtype=object)
@@ -145,8 +211,9 @@ def _table(batch: dict[str, Any], classes: list[str], scheme: str, all_probs: bo
     def listed(values: np.ndarray, of) -> pa.Array:
         return pa.array([of(v) if g else None for g, v in zip(good, values, strict=True)])
 
+    key = "id" if "id" in batch else "path"
     columns = {
-        "path": pa.array([scheme + str(p) for p in batch["path"]], type=pa.string()),
+        key: pa.array([scheme + str(p) for p in batch[key]], type=pa.string()),
         "prediction": pa.array(names[index].astype(str), type=pa.string(), mask=mask),
         "index": pa.array(index, type=pa.int64(), mask=mask),
         "confidence": pa.array(batch["confidence"], type=pa.float64(), mask=mask),
@@ -213,7 +280,7 @@ def predict(ref: ModelRef, plan: PredictPlan, *, actors: int | None = None) -> d
     if exists(plan.output):
         delete_tree(plan.output)  # --overwrite (checked in the plan)
     classes = list(ref.model.info["classes"])
-    scheme = "s3://" if plan.source.is_s3 else ""
+    scheme = "s3://" if plan.source.is_s3 and plan.parquet is None else ""
     writer = _PartWriter(plan.output, plan.fmt)
     rows = errors = 0
     first: float | None = None
@@ -226,6 +293,7 @@ def predict(ref: ModelRef, plan: PredictPlan, *, actors: int | None = None) -> d
             strict=False,
             all_probs=plan.all_probs,
             actors=actors,
+            parquet=plan.parquet,
         ):
             first = first or time.time()
             table = _table(batch, classes, scheme, plan.all_probs)
@@ -243,7 +311,7 @@ def predict(ref: ModelRef, plan: PredictPlan, *, actors: int | None = None) -> d
         "format": plan.fmt,
         "top_k": plan.top_k,
         "all_probs": plan.all_probs,
-        "images": len(plan.files),
+        "images": plan.parquet.rows if plan.parquet else len(plan.files),
         "rows": rows,
         "errors": errors,
         "wall_s": round(time.time() - start, 3),

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from jobs.data.pipeline import decode_image
+from jobs.data.pipeline import decode_image, row_bytes
 from jobs.errors import CORRUPT_MARKER, TlctlError
 from jobs.models.ref import ModelRef
 from jobs.models.registry import RunModel
@@ -69,41 +69,80 @@ class Scorer:
         source_endpoint: str | None,
         strict: bool,
         all_probs: bool = False,
+        image_column: str | None = None,
+        id_column: str | None = None,
     ):
         import torch
 
         run = RunModel.read(RunLayout.at(run_uri, endpoint))
         if run.manifest_sha256 != manifest_sha256:
             raise TlctlError(f"{run_uri}: the model changed while it was being used")
-        self.net = build_net(run)
-        self.mean = torch.tensor(run.info["mean"]).view(1, 3, 1, 1)
-        self.std = torch.tensor(run.info["std"]).view(1, 3, 1, 1)
+        # A GPU when Ray gave this actor one (pool_shape), fp32 there too.
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.net = build_net(run).to(self.device)
+        self.mean = torch.tensor(run.info["mean"]).view(1, 3, 1, 1).to(self.device)
+        self.std = torch.tensor(run.info["std"]).view(1, 3, 1, 1).to(self.device)
         self.size = int(run.info["image_size"])
         self.k, self.strict, self.all_probs = k, strict, all_probs
         self.fs = resolve(source_uri, source_endpoint).fs
+        self.image_column, self.id_column = image_column, id_column
+        self._group_key: tuple[str, int] | None = None
+        self._group = None
 
-    def _decoded(self, paths: list[str]) -> tuple[np.ndarray, list[str], list[int]]:
-        images, errors, crcs = [], [], []
+    def _files(self, paths: list[str]) -> list[tuple[str, bytes | str]]:
+        """(name, bytes) per file, or (name, why) for one that cannot be read."""
+        items: list[tuple[str, bytes | str]] = []
         for path in paths:
             try:
                 with self.fs.open_input_file(path) as f:
-                    raw = f.read()
+                    items.append((path, f.read()))
             except OSError as exc:
                 if self.strict:
                     raise
-                images.append(np.zeros((self.size, self.size, 3), dtype=np.uint8))
-                errors.append(f"{path}: cannot be read ({str(exc).splitlines()[0]})")
-                crcs.append(0)
-                continue
-            crcs.append(zlib.crc32(raw))
+                items.append((path, f"{path}: cannot be read ({str(exc).splitlines()[0]})"))
+        return items
+
+    def _rows(self, batch: dict[str, Any]) -> list[tuple[str, bytes | str]]:
+        """(id, bytes) per row of one Parquet chunk (file, row group, offset, length)."""
+        file, group = str(batch["file"][0]), int(batch["row_group"][0])
+        offset, length, first = (int(batch[k][0]) for k in ("offset", "length", "first_row"))
+        if self._group_key != (file, group):  # consecutive chunks share a row group
+            import pyarrow.parquet as pq
+
+            columns = [c for c in (self.image_column, self.id_column) if c]
+            with self.fs.open_input_file(file) as f:
+                self._group = pq.ParquetFile(f).read_row_group(group, columns=columns)
+            self._group_key = (file, group)
+        table = self._group.slice(offset, length)
+        values = table.column(self.image_column).to_pylist()
+        ids = (
+            [str(v) for v in table.column(self.id_column).to_pylist()]
+            if self.id_column
+            else [f"{file}#{first + i}" for i in range(length)]
+        )
+        items: list[tuple[str, bytes | str]] = []
+        for i, (name, value) in enumerate(zip(ids, values, strict=True)):
             try:
-                images.append(decode_image(raw, self.size, path))
-                errors.append("")
+                items.append((name, row_bytes(value, self.image_column, first + i)))
             except ValueError as exc:
-                if self.strict:
-                    raise
+                items.append((name, str(exc).replace(f"{CORRUPT_MARKER} ", "", 1)))
+        return items
+
+    def _decoded(self, items: list[tuple[str, bytes | str]]) -> tuple[np.ndarray, list, list]:
+        images, errors, crcs = [], [], []
+        for name, raw in items:
+            error = raw if isinstance(raw, str) else ""
+            if not error:
+                try:
+                    images.append(decode_image(raw, self.size, name))
+                except ValueError as exc:
+                    if self.strict:
+                        raise
+                    error = str(exc).replace(f"{CORRUPT_MARKER} ", "", 1)
+            if error:
                 images.append(np.zeros((self.size, self.size, 3), dtype=np.uint8))
-                errors.append(str(exc).replace(f"{CORRUPT_MARKER} ", "", 1))
+            errors.append(error)
+            crcs.append(0 if error else zlib.crc32(raw))
         return np.stack(images), errors, crcs
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
@@ -111,14 +150,16 @@ class Scorer:
 
         from jobs.training.steps import to_input
 
-        paths = [str(p) for p in batch["path"]]
-        images, errors, crcs = self._decoded(paths)
+        parquet = "row_group" in batch
+        items = self._rows(batch) if parquet else self._files([str(p) for p in batch["path"]])
+        images, errors, crcs = self._decoded(items)
         with torch.no_grad():
-            x = to_input(torch.from_numpy(images), self.mean, self.std, False)
-            logp = torch.log_softmax(self.net(x).float(), dim=1)
+            pixels = torch.from_numpy(images).to(self.device)
+            x = to_input(pixels, self.mean, self.std, False)
+            logp = torch.log_softmax(self.net(x).float(), dim=1).cpu()
         top_logp, top_idx = logp.topk(self.k, dim=1)
-        out = {k: v for k, v in batch.items()}
-        out["path"] = np.asarray(paths, dtype=object)
+        out = {} if parquet else {k: v for k, v in batch.items()}
+        out["id" if parquet else "path"] = np.asarray([n for n, _ in items], dtype=object)
         out["crc"] = np.asarray(crcs, dtype=np.int64)
         out["error"] = np.asarray(errors, dtype=object)
         out["prediction"] = top_idx[:, 0].numpy().astype(np.int64)
@@ -134,11 +175,13 @@ class Scorer:
         return out
 
 
-def actor_count() -> int:
-    """Scorer actors: one per CPU Ray offers (each scores with one thread)."""
-    import ray
-
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+def pool_shape(resources: dict[str, float]) -> tuple[int, float]:
+    """(scorer actors, GPUs per actor) for what Ray offers: one actor per GPU where there
+    are GPUs, else one per CPU; never a request for GPUs that do not exist."""
+    gpus = int(resources.get("GPU", 0))
+    if gpus >= 1:
+        return gpus, 1.0
+    return max(1, int(resources.get("CPU", 1))), 0.0
 
 
 def scored(
@@ -151,17 +194,23 @@ def scored(
     strict: bool,
     all_probs: bool = False,
     actors: int | None = None,
+    parquet: Any = None,  # jobs.models.predict.ParquetInput: rows of Parquet `files`
 ) -> Iterator[dict[str, np.ndarray]]:
     """`files` of `source` (with their `labels`, if any) through a pool of Scorers of
     `ref`'s model: batches of per-image results, in no particular order."""
     import pyarrow as pa
+    import ray
     import ray.data
 
-    columns: dict[str, Any] = {"path": files}
-    if labels is not None:
-        columns["label"] = pa.array(labels, type=pa.int64())
-    table = pa.table(columns)
-    blocks = [table.slice(i, SCORE_BATCH) for i in range(0, table.num_rows, SCORE_BATCH)]
+    count, gpus = pool_shape(ray.cluster_resources())
+    if parquet is not None:
+        blocks = _parquet_chunks(source, files)  # one chunk of <= SCORE_BATCH rows each
+    else:
+        columns: dict[str, Any] = {"path": files}
+        if labels is not None:
+            columns["label"] = pa.array(labels, type=pa.int64())
+        table = pa.table(columns)
+        blocks = [table.slice(i, SCORE_BATCH) for i in range(0, table.num_rows, SCORE_BATCH)]
     with warnings.catch_warnings():
         # max_restarts has no named parameter in Ray 2.60 (pinned <2.61); passed through.
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
@@ -176,13 +225,46 @@ def scored(
                 "source_endpoint": source.endpoint,
                 "strict": strict,
                 "all_probs": all_probs,
+                "image_column": parquet.image_column if parquet else None,
+                "id_column": parquet.id_column if parquet else None,
             },
-            compute=ray.data.ActorPoolStrategy(size=actors or actor_count()),
+            compute=ray.data.ActorPoolStrategy(size=actors or count),
             num_cpus=1,
-            batch_size=SCORE_BATCH,
+            num_gpus=gpus or None,
+            batch_size=1 if parquet is not None else SCORE_BATCH,
             batch_format="numpy",
             # No restarts: a lost scorer fails the command, which is re-run as a whole (and
             # Ray's warning that a restart could not re-read the arguments stays away).
             max_restarts=0,
         )
     yield from ds.iter_batches(batch_size=None, batch_format="numpy")
+
+
+def _parquet_chunks(source: Location, files: list[str]) -> list:  # -> list[pyarrow.Table]
+    """Each file's rows as chunks of at most SCORE_BATCH rows inside one row group (from
+    the footers alone), one single-row block per chunk, in file order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    blocks = []
+    for file in files:
+        with source.fs.open_input_file(file) as f:
+            meta = pq.ParquetFile(f).metadata
+        first = 0
+        for group in range(meta.num_row_groups):
+            rows = meta.row_group(group).num_rows
+            for offset in range(0, rows, SCORE_BATCH):
+                length = min(SCORE_BATCH, rows - offset)
+                blocks.append(
+                    pa.table(
+                        {
+                            "file": [file],
+                            "row_group": [group],
+                            "offset": [offset],
+                            "length": [length],
+                            "first_row": [first + offset],
+                        }
+                    )
+                )
+            first += rows
+    return blocks

@@ -100,7 +100,11 @@ def _start_ray(verbose: bool) -> bool:
 def predict(
     run: Annotated[str, typer.Argument(help="RUN name, run URI, or MODEL@ALIAS.")],
     input_uri: Annotated[
-        str, typer.Option("--input", help="Images: a folder or prefix (dir or s3://), recursive.")
+        str,
+        typer.Option(
+            "--input",
+            help="Images: a folder or prefix (dir or s3://, recursive), or Parquet file(s).",
+        ),
     ],
     output: Annotated[str, typer.Option("--output", help="Where the predictions go (new).")],
     storage: StorageOpt,
@@ -113,6 +117,13 @@ def predict(
     all_probs: Annotated[
         bool, typer.Option("--all-probs", help="Also a probs column: every class's probability.")
     ] = False,
+    image_column: Annotated[
+        str, typer.Option("--image-column", help="Parquet input: the image bytes column.")
+    ] = "image",
+    id_column: Annotated[
+        str | None,
+        typer.Option("--id-column", help="Parquet input: each row's id (default <file>#<row>)."),
+    ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace what is at --output.")
     ] = False,
@@ -137,6 +148,8 @@ def predict(
         fmt=fmt,
         overwrite=overwrite,
         all_probs=all_probs,
+        image_column=image_column,
+        id_column=id_column,
     )
     started = _start_ray(verbose)
     try:

@@ -480,6 +480,37 @@ def test_failure_during_training_exits_1_with_the_reason(env: dict, tmp_path: Pa
     assert "Traceback" not in result.output
 
 
+def test_predict_reads_parquet_rows_and_names_them_by_id(
+    env: dict, plain_run: str, tmp_path: Path
+) -> None:
+    """Parquet input (Hugging Face's {bytes, path} image struct, 3 row groups, an id
+    column): one row per input row, by id; a null image is that row's error."""
+    import pyarrow as pa
+
+    run = run_loc(env, plain_run)
+    info = json.loads(read_text(run.join("model", "model.json")))
+    files = sorted((env["tmp"] / "val").rglob("*.png"))
+    images = [{"bytes": f.read_bytes(), "path": f.name} for f in files] + [None]
+    ids = [f"{f.parent.name}/{f.name}" for f in files] + ["missing"]
+    source = tmp_path / "rows.parquet"
+    pq.write_table(pa.table({"img": images, "key": ids}), source, row_group_size=100)
+    out = tmp_path / "preds"
+    args = ["predict", plain_run, "--input", str(source), "--output", str(out)]
+    flags = ["--image-column", "img", "--id-column", "key", "--json"]
+    storage = ["--storage", env["storage"], "--endpoint", env["endpoint"]]
+    done = runner.invoke(app, [*args, *flags, *storage])
+    assert done.exit_code == 0, done.output
+    meta = json.loads(done.stdout)
+    assert (meta["images"], meta["rows"], meta["errors"]) == (241, 241, 1)
+    rows = pq.read_table(str(out)).to_pylist()
+    assert sorted(r["id"] for r in rows) == sorted(ids)
+    bad = next(r for r in rows if r["id"] == "missing")
+    assert bad["prediction"] is None and "null image" in bad["error"]
+    good = [r for r in rows if r["id"] != "missing"]
+    correct = sum(r["prediction"] == r["id"].split("/")[0] for r in good)
+    assert correct / len(good) == pytest.approx(info["metrics"]["val_acc"], abs=1e-12)
+
+
 def _val_batch(env: dict) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Every val image as uint8 NHWC, resized as training decodes them, with its label."""
     classes = sorted(p.name for p in (env["tmp"] / "val").iterdir() if p.is_dir())

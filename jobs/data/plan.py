@@ -269,7 +269,7 @@ def scan_imagefolder(loc: Location, field_name: str) -> tuple[list[str], dict[st
     return classes, {c: sorted(by_class[c]) for c in classes}
 
 
-def _parquet_files(loc: Location, field_name: str) -> list[str]:
+def parquet_files(loc: Location, field_name: str) -> list[str]:
     if loc.fs.get_file_info(loc.path).type == pafs.FileType.File:
         return [loc.path]
     if not loc.is_s3:
@@ -326,7 +326,7 @@ def _extension_name(f: pa.Field) -> str | None:
     return name.decode(errors="replace") if name is not None else None
 
 
-def _type_text(f: pa.Field) -> str:
+def type_text(f: pa.Field) -> str:
     name = _extension_name(f)
     if name is None:
         return str(f.type)
@@ -334,7 +334,7 @@ def _type_text(f: pa.Field) -> str:
     return f"extension<{name}> (stored as {storage})"
 
 
-def _is_plain_scalar(f: pa.Field) -> bool:
+def is_plain_scalar(f: pa.Field) -> bool:
     t = f.type
     return _extension_name(f) is None and (
         pa.types.is_string(t)
@@ -364,7 +364,7 @@ def _label_kind(f: pa.Field) -> str | None:
     return None
 
 
-def _image_leaf(f: pa.Field) -> str | None:
+def image_leaf(f: pa.Field) -> str | None:
     """The Parquet leaf column holding the image bytes ("image" or "image.bytes"), or None
     when the column is not of a type tlctl reads images from."""
     t = f.type
@@ -378,7 +378,7 @@ def _image_leaf(f: pa.Field) -> str | None:
     raw = t.field(t.get_field_index("bytes"))
     if not (pa.types.is_binary(raw.type) or pa.types.is_large_binary(raw.type)):
         return None
-    if not all(_is_plain_scalar(c) for c in children):
+    if not all(is_plain_scalar(c) for c in children):
         return None
     return f"{f.name}.bytes"
 
@@ -416,7 +416,7 @@ def _parquet_labels(
                 _check_columns(schema, path, image_column, label_column)
                 kind = _label_kind(schema.field(label_column))
                 kinds.setdefault(kind, path)
-                image_nulls = _null_count(pf, _image_leaf(schema.field(image_column)))
+                image_nulls = _null_count(pf, image_leaf(schema.field(image_column)))
                 column = pf.read(columns=[label_column]).column(label_column)
         except TlctlError:
             raise
@@ -456,13 +456,13 @@ def _check_columns(schema: pa.Schema, path: str, image_column: str, label_column
     if _label_kind(label) is None:
         raise TlctlError(
             f"data.label_column: column '{label_column}' in {path} has type "
-            f"{_type_text(label)} (valid: {VALID_LABEL_TYPES})"
+            f"{type_text(label)} (valid: {VALID_LABEL_TYPES})"
         )
     image = schema.field(image_column)
-    if _image_leaf(image) is None:
+    if image_leaf(image) is None:
         raise TlctlError(
             f"data.image_column: column '{image_column}' in {path} has type "
-            f"{_type_text(image)} (valid: {VALID_IMAGE_TYPES}, as Ray and Hugging Face write "
+            f"{type_text(image)} (valid: {VALID_IMAGE_TYPES}, as Ray and Hugging Face write "
             "images)"
         )
 
@@ -541,7 +541,7 @@ def _plan_parquet(
     data: DataSpec, train_loc: Location, val_loc: Location | None, seed: int
 ) -> DataPlan:
     image_column, label_column = data.image_column, data.label_column
-    files = _parquet_files(train_loc, "data.train")
+    files = parquet_files(train_loc, "data.train")
     if not files:
         raise TlctlError(f"data.train: {train_loc.uri} holds no .parquet files")
     labels = _parquet_labels(train_loc, files, image_column, label_column, "data.train")
@@ -551,7 +551,7 @@ def _plan_parquet(
     train = Split("parquet", train_loc, files, rows=len(labels))
     val = None
     if val_loc is not None:
-        vfiles = _parquet_files(val_loc, "data.val")
+        vfiles = parquet_files(val_loc, "data.val")
         if not vfiles:
             raise TlctlError(f"data.val: {val_loc.uri} holds no .parquet files")
         vlabels = _parquet_labels(val_loc, vfiles, image_column, label_column, "data.val")

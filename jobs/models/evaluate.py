@@ -1,9 +1,9 @@
 """`tlctl evaluate`: a run's model measured on a labelled dataset, every image exactly once.
 
 An actor pool reads, decodes (the training decode and resize) and scores the image files
-(jobs.models.scoring, fp32); the per-image
-results (a few numbers each) come back to this process, which computes the metrics
-(jobs.models.metrics) and writes `<run>/eval/<name>/` under the run's evaluation lease.
+(jobs.models.scoring, fp32); the per-image results (a few numbers each) come back to this
+process, which computes the metrics (jobs.models.metrics) and writes `<run>/eval/<name>/`
+under the run's evaluation lease.
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ def _check_parquet(
     is unpickled: an extension type is refused, naming the column)."""
     import pyarrow.parquet as pq
 
-    from jobs.data.plan import VALID_IMAGE_TYPES, _image_leaf, _is_plain_scalar, _type_text
+    from jobs.data.plan import VALID_IMAGE_TYPES, image_leaf, is_plain_scalar, type_text
 
     rows = 0
     for path in files:
@@ -71,15 +71,15 @@ def _check_parquet(
                 raise TlctlError(
                     f"{flag}: column '{column}' not in {path} (valid: {', '.join(schema.names)})"
                 )
-        if _image_leaf(schema.field(image_column)) is None:
+        if image_leaf(schema.field(image_column)) is None:
             raise TlctlError(
                 f"--image-column: column '{image_column}' in {path} has type "
-                f"{_type_text(schema.field(image_column))} (valid: {VALID_IMAGE_TYPES})"
+                f"{type_text(schema.field(image_column))} (valid: {VALID_IMAGE_TYPES})"
             )
-        if id_column is not None and not _is_plain_scalar(schema.field(id_column)):
+        if id_column is not None and not is_plain_scalar(schema.field(id_column)):
             raise TlctlError(
                 f"--id-column: column '{id_column}' in {path} has type "
-                f"{_type_text(schema.field(id_column))} (valid: a string, integer or other "
+                f"{type_text(schema.field(id_column))} (valid: a string, integer or other "
                 "plain scalar)"
             )
     if rows == 0:
@@ -175,9 +175,9 @@ def plan_prediction(
         raise TlctlError(f"--output: {output.uri} is inside --input {source.uri}; choose another")
     parquet = None
     if _is_parquet(source):
-        from jobs.data.plan import _parquet_files
+        from jobs.data.plan import parquet_files
 
-        files = _parquet_files(source, "--input")
+        files = parquet_files(source, "--input")
         parquet = _check_parquet(source, files, image_column, id_column)
     else:
         files = list_images(source, "--input")
@@ -208,8 +208,10 @@ def _table(batch: dict[str, Any], classes: list[str], scheme: str, all_probs: bo
     index = batch["prediction"].astype(np.int64)
     mask = ~good
 
-    def listed(values: np.ndarray, of) -> pa.Array:
-        return pa.array([of(v) if g else None for g, v in zip(good, values, strict=True)])
+    def listed(values: np.ndarray, of, item: pa.DataType) -> pa.Array:
+        # typed: a batch of errors only must not make a column of nulls (a schema change)
+        rows = [of(v) if g else None for g, v in zip(good, values, strict=True)]
+        return pa.array(rows, type=pa.list_(item))
 
     key = "id" if "id" in batch else "path"
     columns = {
@@ -217,11 +219,13 @@ def _table(batch: dict[str, Any], classes: list[str], scheme: str, all_probs: bo
         "prediction": pa.array(names[index].astype(str), type=pa.string(), mask=mask),
         "index": pa.array(index, type=pa.int64(), mask=mask),
         "confidence": pa.array(batch["confidence"], type=pa.float64(), mask=mask),
-        "topk_labels": listed(batch["topk_index"], lambda t: [str(n) for n in names[t]]),
-        "topk_probs": listed(batch["topk_prob"], lambda v: [float(x) for x in v]),
+        "topk_labels": listed(
+            batch["topk_index"], lambda t: [str(n) for n in names[t]], pa.string()
+        ),
+        "topk_probs": listed(batch["topk_prob"], lambda v: [float(x) for x in v], pa.float64()),
     }
     if all_probs:
-        columns["probs"] = listed(batch["probs"], lambda v: [float(x) for x in v])
+        columns["probs"] = listed(batch["probs"], lambda v: [float(x) for x in v], pa.float64())
     columns["error"] = pa.array(
         [None if g else str(e) for g, e in zip(good, batch["error"], strict=True)],
         type=pa.string(),

@@ -98,3 +98,27 @@ def test_bad_parquet_input_is_one_line_naming_the_flag(
         plan(tmp_path, tmp_path / "in.parquet", **kwargs)
     assert info.value.exit_code == 2 and words in info.value.message
     assert "\n" not in info.value.message and not (tmp_path / "out").exists()
+
+
+def test_a_batch_of_errors_only_keeps_the_output_schema() -> None:
+    """Part files are written batch by batch: a batch with no good image must have the
+    same column types as any other, or the Parquet writer would refuse it."""
+    from jobs.models.predict import _table
+
+    def batch(errors: list[str]) -> dict:
+        n = len(errors)
+        return {
+            "path": np.asarray([f"x{i}.png" for i in range(n)], dtype=object),
+            "error": np.asarray(errors, dtype=object),
+            "prediction": np.zeros(n, dtype=np.int64),
+            "confidence": np.full(n, 0.5),
+            "topk_index": np.zeros((n, 2), dtype=np.int64),
+            "topk_prob": np.full((n, 2), 0.5),
+            "probs": np.full((n, 3), 1 / 3),
+        }
+
+    good = _table(batch(["", ""]), CLASSES, "", True)
+    bad = _table(batch(["x0.png: broken"]), CLASSES, "", True)
+    assert bad.schema == good.schema
+    assert bad.to_pylist()[0]["prediction"] is None and bad.to_pylist()[0]["topk_labels"] is None
+    assert good.to_pylist()[0]["topk_labels"] == ["a", "a"]

@@ -75,8 +75,13 @@ def check_name(name: str) -> None:
         raise TlctlError(f"--name: {name!r} is not a valid name ([a-z0-9][a-z0-9-_.]{{0,62}})")
 
 
-def _norm(path: str) -> str:
-    return path.split("://", 1)[-1].lstrip("/")
+def _relative(path: str, root: str) -> str:
+    """`path` under the data root `root` (either with or without a scheme or leading /)."""
+
+    def norm(p: str) -> str:
+        return p.split("://", 1)[-1].lstrip("/")
+
+    return norm(path).removeprefix(norm(root).rstrip("/") + "/")
 
 
 def score(ref: ModelRef, plan: EvalPlan, *, actors: int | None = None) -> dict[str, np.ndarray]:
@@ -94,9 +99,8 @@ def score(ref: ModelRef, plan: EvalPlan, *, actors: int | None = None) -> dict[s
 
 def fingerprint(data_root: str, paths: np.ndarray, crcs: np.ndarray) -> str:
     """SHA-256 over each image's path under the data root and the CRC-32 of its bytes."""
-    root = _norm(data_root).rstrip("/") + "/"
     lines = sorted(
-        f"{_norm(str(p)).removeprefix(root)}\t{int(c)}" for p, c in zip(paths, crcs, strict=True)
+        f"{_relative(str(p), data_root)}\t{int(c)}" for p, c in zip(paths, crcs, strict=True)
     )
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
@@ -244,7 +248,7 @@ def _errors_html(
     cells = []
     for i in wrong:
         path = str(cols["path"][i])
-        loc = plan.data.join(_norm(path).removeprefix(_norm(plan.data.path).rstrip("/") + "/"))
+        loc = plan.data.join(_relative(path, plan.data.path))
         png = io.BytesIO()
         Image.fromarray(decode_image(read_bytes(loc), size, path)).save(png, format="PNG")
         src = base64.b64encode(png.getvalue()).decode()

@@ -74,3 +74,23 @@ def test_expected_calibration_error_by_hand() -> None:
     assert [b["count"] for b in bins] == [1, 4]
     perfect = expected_calibration_error(np.array([1.0, 1.0]), np.array([True, True]))
     assert perfect == 0.0
+
+
+def test_the_data_fingerprint_depends_on_relative_paths_and_bytes_only() -> None:
+    from jobs.models.evaluate import fingerprint
+
+    crcs = np.asarray([11, 22])
+    local = fingerprint(
+        "/data/test", np.asarray(["/data/test/a/1.png", "/data/test/b/2.png"]), crcs
+    )
+    remote = fingerprint(
+        "s3://bucket/test/", np.asarray(["bucket/test/b/2.png", "bucket/test/a/1.png"]), crcs[::-1]
+    )
+    assert local == remote  # the same tree, wherever it lives and in any order
+    changed = fingerprint(
+        "/data/test", np.asarray(["/data/test/a/1.png", "/data/test/b/2.png"]), np.asarray([11, 23])
+    )
+    renamed = fingerprint(
+        "/data/test", np.asarray(["/data/test/a/1.png", "/data/test/c/2.png"]), crcs
+    )
+    assert len({local, changed, renamed}) == 3

@@ -74,11 +74,9 @@ def plan_export(ref: ModelRef, fmt: str, out: Location | None, overwrite: bool) 
     check_format(fmt)
     if out is None:
         return ExportPlan(fmt, ref.layout.export(fmt), True)
-    if exists(out) and list_dir(out) and not overwrite:
-        raise TlctlError(
-            f"--out: {out.uri} exists already; choose a new location or pass --overwrite "
-            "(its files are then replaced)"
-        )
+    from jobs.models.predict import check_new_output
+
+    check_new_output(out, "--out", overwrite)
     return ExportPlan(fmt, out, overwrite)
 
 
@@ -201,6 +199,12 @@ def random_batches(image_size: int) -> dict[str, np.ndarray]:
     }
 
 
+def _spread(items: list[str], limit: int) -> list[str]:
+    """At most `limit` of `items`, evenly spaced (ImageFolder lists are class by class, so
+    every class is sampled)."""
+    return items[:: max(1, len(items) // limit)][:limit]
+
+
 def validation_images(ref: ModelRef, limit: int = MAX_REAL) -> tuple[np.ndarray, str]:
     """Up to `limit` images of the run's validation data (its training data when validation
     is a split inside Ray Data), spread over the classes, decoded as in training."""
@@ -217,8 +221,7 @@ def validation_images(ref: ModelRef, limit: int = MAX_REAL) -> tuple[np.ndarray,
     fs = split.location.fs
     raws: list[tuple[str, bytes]] = []
     if split.kind == "imagefolder":
-        step = max(1, len(split.files) // limit)
-        for path in split.files[::step][:limit]:
+        for path in _spread(split.files, limit):
             with fs.open_input_file(path) as f:
                 raws.append((path, f.read()))
     else:
@@ -243,9 +246,8 @@ def folder_images(loc: Location, size: int, limit: int = MAX_REAL) -> np.ndarray
     from jobs.models.predict import list_images
 
     files = list_images(loc, "--images")
-    step = max(1, len(files) // limit)
     images = []
-    for path in files[::step][:limit]:
+    for path in _spread(files, limit):
         with loc.fs.open_input_file(path) as f:
             images.append(decode_image(f.read(), size, path))
     return np.stack(images)

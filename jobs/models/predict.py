@@ -144,6 +144,16 @@ def list_images(loc: Location, field: str) -> list[str]:
     return files
 
 
+def check_new_output(loc: Location, flag: str, overwrite: bool) -> None:
+    """An output location must be new or empty unless `overwrite` (its files are then
+    replaced, never appended to): exit 2 naming `flag`."""
+    if exists(loc) and list_dir(loc) and not overwrite:
+        raise TlctlError(
+            f"{flag}: {loc.uri} exists already; choose a new location or pass --overwrite "
+            "(its files are then replaced)"
+        )
+
+
 def plan_prediction(
     input_uri: str,
     output_uri: str,
@@ -181,11 +191,7 @@ def plan_prediction(
         parquet = _check_parquet(source, files, image_column, id_column)
     else:
         files = list_images(source, "--input")
-    if exists(output) and list_dir(output) and not overwrite:
-        raise TlctlError(
-            f"--output: {output.uri} exists already; choose a new location or pass --overwrite "
-            "(its files are then replaced)"
-        )
+    check_new_output(output, "--output", overwrite)
     return PredictPlan(source, files, output, fmt, top_k, all_probs, parquet)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import uuid
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,12 +50,18 @@ def _point_aws_at(server: S3Server, mp: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def s3_bucket(s3_server: S3Server, request: pytest.FixtureRequest) -> str:
-    """A fresh bucket for this test module, named after it plus a random suffix."""
+def s3_bucket(s3_server: S3Server, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh bucket for this test module, named after it plus a random suffix, dropped
+    afterwards: the suite writes tens of GB of checkpoints, and only a dropped bucket gives
+    SeaweedFS its disk back (a CI run once filled the disk and every write failed)."""
     stem = re.sub(r"[^a-z0-9]+", "-", request.module.__name__.lower()).strip("-")[:40]
     name = f"t-{stem}-{uuid.uuid4().hex[:8]}"
     s3_server.create_bucket(name)
-    return name
+    yield name
+    try:
+        s3_server.delete_bucket(name)
+    except Exception as exc:  # cleanup: the module's own tests have passed or failed already
+        warnings.warn(f"could not drop test bucket {name}: {exc}", stacklevel=1)
 
 
 @pytest.fixture(scope="module")

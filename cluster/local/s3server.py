@@ -114,6 +114,17 @@ class S3Server:
             if exc.response.get("Error", {}).get("Code") != "BucketAlreadyOwnedByYou":
                 raise
 
+    def delete_bucket(self, name: str) -> None:
+        """Drop `name` with everything in it. SeaweedFS frees a bucket's volumes at once,
+        whereas deleted objects keep their disk space until a vacuum."""
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client().delete_bucket(Bucket=name)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "NoSuchBucket":
+                raise
+
     def is_running(self) -> bool:
         if self._proc is not None:
             return self._proc.poll() is None

@@ -18,6 +18,7 @@ from jobs.storage.layout import RunLayout, epoch_lines
 from jobs.storage.location import write_text
 from jobs.storage.metrics import fold_events
 from jobs.storage.retrying_fs import patient
+from jobs.training.checkpoints import remove_stale_local_checkpoints
 from jobs.training.export import export_model
 from jobs.training.trainer import build_trainer
 
@@ -66,6 +67,9 @@ def run_job(prepared: Prepared, *, progress=None, submitted_at: float | None = N
             raise
         # Ray wraps worker errors; show the cause
         raise TlctlError(f"training failed: {root_cause(exc)}", exit_code=EXIT_FAILED) from exc
+    finally:
+        # No worker group is left to upload them: local copies a killed group left here.
+        remove_stale_local_checkpoints(prepared.layout.uri)
     # No worker group runs any more: the driver is the log's writer now.
     fold_events(prepared.layout, window_s=prepared.spec.failure.storage_retry_s)
     info = export_model(job, patient_layout(prepared), result)

@@ -26,6 +26,7 @@ from jobs.search.trials import export_best, trial_id_of, trial_rows, write_trial
 from jobs.spec.search import SearchSpec
 from jobs.storage.layout import TUNE
 from jobs.storage.metrics import post_event
+from jobs.training.checkpoints import remove_stale_local_checkpoints
 from jobs.training.trainer import build_trainer
 
 TRIAL_DRIVER_CPUS = 0.01
@@ -185,6 +186,8 @@ def run_search(
         log = SearchLog(prepared.layout.uri, prepared.spec.storage.endpoint, search, epochs)
         for result in grid:
             log.merge_trial(trial_id_of(result))
+            # An early-stopped trial's group was killed mid-upload: its local copies stay.
+            remove_stale_local_checkpoints(prepared.layout.trial(trial_id_of(result)).uri)
     except TlctlError:
         raise
     except Exception as exc:  # Tune wraps driver errors

@@ -97,8 +97,9 @@ def local_checkpoint_prefix(run_uri: str) -> str:
 
 def remove_stale_local_checkpoints(run_uri: str) -> int:
     """Delete this run's local checkpoint dirs left on this node by a worker group that was
-    killed before its uploads finished (called by a new group's rank 0, when no upload of
-    this run can still be running here). Returns how many were removed."""
+    killed before its uploads finished. Called where no upload of this run can still be
+    running here: by a new group's rank 0, and by the driver once the run's (or a search
+    trial's) last group is gone. Returns how many were removed."""
     prefix = local_checkpoint_prefix(run_uri)
     tmp = tempfile.gettempdir()
     stale = [name for name in os.listdir(tmp) if name.startswith(prefix)]

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -29,6 +30,7 @@ from typer.testing import CliRunner
 
 from cluster.local.s3server import S3Server
 from jobs.storage.location import exists, list_dir, read_bytes, read_text, resolve, write_bytes
+from jobs.training.checkpoints import local_checkpoint_prefix
 from orchestrator.cli import app
 
 pytestmark = pytest.mark.slow
@@ -159,6 +161,19 @@ def test_asha_stopped_the_tiny_lr_trials_early(env: dict, search_run: dict) -> N
     # ranked best first: a good-lr trial wins
     assert rows[0]["lr"] == GOOD_LR
     assert rows[0]["best_train_loss"] < min(r["best_train_loss"] for r in bad)
+
+
+def test_no_local_checkpoint_copy_outlives_the_search(env: dict, search_run: dict) -> None:
+    """ASHA kills a stopped trial's workers, maybe mid-upload; their local copies (hundreds
+    of MB each) must not pile up in the temp dir run after run."""
+    rows = trials(env, "grid")
+    assert any(r["status"] == "stopped" for r in rows)
+    prefixes = [
+        local_checkpoint_prefix(run_loc(env, "grid").join("trials", r["trial_id"]).uri)
+        for r in rows
+    ]
+    left = [n for n in os.listdir(tempfile.gettempdir()) if n.startswith(tuple(prefixes))]
+    assert left == []
 
 
 def test_metrics_lines_carry_the_trial_and_its_values(env: dict, search_run: dict) -> None:

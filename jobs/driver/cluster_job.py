@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from jobs.driver.progress import progress_line
@@ -40,21 +41,30 @@ def _stay_in(workdir: str) -> None:
             os.chdir(workdir)
 
 
+def connect_ray(verbose: bool) -> None:
+    """Join the cluster this job runs on, Ray's own logs only with `verbose`."""
+    import ray
+
+    from jobs.driver.drive import quiet_ray
+
+    workdir = os.getcwd()
+    ray.init(log_to_driver=verbose, logging_level="INFO" if verbose else "ERROR")
+    _stay_in(workdir)
+    quiet_ray(verbose)
+
+
 def run(spec_path: str, submitted_at: float | None, verbose: bool) -> dict[str, Any]:
     """Connect to this cluster, pre-flight, drive the job; returns the summary."""
     import ray
 
-    from jobs.driver.drive import drive, quiet_ray
+    from jobs.driver.drive import drive
     from jobs.driver.preflight import preflight
     from jobs.driver.scaling import INGEST_CPUS, resolve_num_workers
     from jobs.storage.credentials import load_into_environment
 
     spec = load_resolved_spec(spec_path)
     load_into_environment()  # --pass-credentials: read before Ray touches the working dir
-    workdir = os.getcwd()
-    ray.init(log_to_driver=verbose, logging_level="INFO" if verbose else "ERROR")
-    _stay_in(workdir)
-    quiet_ray(verbose)
+    connect_ray(verbose)
     gpus = float(ray.cluster_resources().get("GPU", 0))
     spec = resolve_num_workers(spec, gpus=gpus, where="the cluster")
     prepared = preflight(spec)
@@ -98,9 +108,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--submitted-at", type=float, default=None, help="client's submit time")
     parser.add_argument("--verbose", action="store_true", help="Ray's own logs too")
     args = parser.parse_args(argv)
+    return report(lambda: run(args.spec, args.submitted_at, args.verbose))
+
+
+def report(work: Callable[[], dict[str, Any]]) -> int:
+    """Run a cluster job's `work`: its summary as the last line, or one `error: …` line;
+    the exit code tlctl's."""
     apply_process_settings()
     try:
-        summary = run(args.spec, args.submitted_at, args.verbose)
+        summary = work()
     except TlctlError as exc:
         print(ERROR_PREFIX + exc.message, file=sys.stderr, flush=True)
         return exc.exit_code

@@ -14,6 +14,7 @@ import json
 import os
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,9 +24,11 @@ from jobs.data.plan import IMAGE_EXTENSIONS
 from jobs.errors import TlctlError
 from jobs.models.ref import ModelRef
 from jobs.models.scoring import scored
+from jobs.storage.lease import acquire
 from jobs.storage.location import Location, delete_tree, exists, list_dir, resolve, write_text
 
 PREDICT_META = "_meta.json"
+PREDICT_LEASE = "_lease.json"  # "_": Parquet and CSV readers skip it while it is there
 FORMATS = ("parquet", "csv")
 MAX_LISTED = 5
 ROWS_PER_PART = 100_000
@@ -284,11 +287,33 @@ class _PartWriter:
             self.writer, self.rows, self.part = None, 0, self.part + 1
 
 
-def predict(ref: ModelRef, plan: PredictPlan, *, actors: int | None = None) -> dict[str, Any]:
-    """Run the inference and write the output; returns what `_meta.json` holds."""
+def predict(
+    ref: ModelRef,
+    plan: PredictPlan,
+    *,
+    actors: int | None = None,
+    on_rows: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Run the inference and write the output under the output's lease (two predicts into
+    one location: the second is refused, exit 2); returns what `_meta.json` holds.
+    `on_rows(done)` after each batch written."""
+    lease = acquire(
+        plan.output.join(PREDICT_LEASE),
+        job="tlctl predict",
+        what=f"the predictions at {plan.output.uri}",
+        prune_empty_parent=True,
+    )
+    with lease.start():
+        return _predict(ref, plan, actors, on_rows)
+
+
+def _predict(
+    ref: ModelRef, plan: PredictPlan, actors: int | None, on_rows: Callable[[int], None] | None
+) -> dict[str, Any]:
     start = time.time()
-    if exists(plan.output):
-        delete_tree(plan.output)  # --overwrite (checked in the plan)
+    for name in list_dir(plan.output):  # --overwrite (checked in the plan): all but the lease
+        if name != PREDICT_LEASE:
+            delete_tree(plan.output.join(name))
     classes = list(ref.model.info["classes"])
     scheme = "s3://" if plan.source.is_s3 and plan.parquet is None else ""
     writer = _PartWriter(plan.output, plan.fmt)
@@ -310,6 +335,8 @@ def predict(ref: ModelRef, plan: PredictPlan, *, actors: int | None = None) -> d
             writer.write(table)
             rows += table.num_rows
             errors += table.num_rows - table.column("error").null_count
+            if on_rows is not None:
+                on_rows(rows)
     finally:
         writer.close()
     meta = {

@@ -167,3 +167,22 @@ AddressOpt = Annotated[
         help="Ray cluster dashboard address (http://HEAD:8265).",
     ),
 ]
+LocalOpt = Annotated[bool, typer.Option("--local", help="Run on an embedded local Ray.")]
+WaitOpt = Annotated[bool, typer.Option("--wait", help="Cluster: show progress until the job ends.")]
+PassCredentialsOpt = Annotated[
+    bool,
+    typer.Option(
+        "--pass-credentials",
+        help="Cluster: ship this machine's AWS key pair to the job (dev clusters).",
+    ),
+]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray's logs.")]
+ConnectTimeoutOpt = Annotated[
+    float,
+    typer.Option(
+        "--connect-timeout",
+        min=0,
+        help="Cluster: seconds to wait for a head that is still starting (its Jobs API "
+        "refusing connections or answering 'No available agent', 502/503/504).",
+    ),
+]

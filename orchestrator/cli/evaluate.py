@@ -4,11 +4,29 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Annotated, Any
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from orchestrator.cli.common import EndpointOpt, JsonOpt, StorageOpt, guarded
+from jobs.errors import TlctlError
+from orchestrator.cli.common import (
+    AddressOpt,
+    ConnectTimeoutOpt,
+    EndpointOpt,
+    JsonOpt,
+    LocalOpt,
+    PassCredentialsOpt,
+    StorageOpt,
+    VerboseOpt,
+    WaitOpt,
+    guarded,
+)
+from orchestrator.targets.jobs_api import DEFAULT_CONNECT_TIMEOUT_S
+
+if TYPE_CHECKING:
+    from jobs.models.task import ModelTask, PreparedTask
 
 
 def _print_metrics(m: dict[str, Any], where: str) -> None:
@@ -51,31 +69,108 @@ def evaluate(
         str | None,
         typer.Option("--name", help="Evaluation name: <run>/eval/<name>/ (default: data's)."),
     ] = None,
+    local: LocalOpt = False,
+    address: AddressOpt = None,
+    wait: WaitOpt = False,
+    pass_credentials: PassCredentialsOpt = False,
+    connect_timeout: ConnectTimeoutOpt = DEFAULT_CONNECT_TIMEOUT_S,
     json_out: JsonOpt = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Ray's own logs.")] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
-    """Exact metrics of a model on labelled images, every image once, fp32, on local Ray;
-    metrics.json, predictions, plots and the most confident mistakes go to <run>/eval/."""
-    from jobs.models.evaluate import check_name, default_name, evaluate, plan_evaluation
-    from jobs.models.ref import resolve_ref
-    from orchestrator.display import emit_json
+    """Exact metrics of a model on labelled images, every image once, fp32, on local Ray
+    (or a cluster with --address); metrics.json, predictions, plots and the most confident
+    mistakes go to <run>/eval/<name>/."""
+    from jobs.models.task import ModelTask
 
-    name = name or default_name(data)
-    check_name(name)
-    ref = resolve_ref(run, storage, endpoint)  # verified before anything runs
-    plan = plan_evaluation(data, endpoint, list(ref.model.info["classes"]))
-    started = _start_ray(verbose)
-    try:
-        metrics = evaluate(ref, plan, name, data_uri=data)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
+    task = ModelTask("evaluate", run, storage, endpoint, {"data": data, "name": name})
+    where = Where(local, address, wait, pass_credentials, connect_timeout, verbose, json_out)
+    metrics, out = _run(task, where)
+    if metrics is None:
+        return
     if json_out:
+        from orchestrator.display import emit_json
+
         emit_json(metrics)
     else:
-        _print_metrics(metrics, ref.layout.evaluation(name).uri)
+        _print_metrics(metrics, out)
+
+
+@dataclass(frozen=True)
+class Where:
+    """Where a task runs, and how the CLI follows it."""
+
+    local: bool
+    address: str | None
+    wait: bool
+    pass_credentials: bool
+    connect_timeout: float
+    verbose: bool
+    json_out: bool
+
+    @property
+    def on_cluster(self) -> bool:
+        """--address (or RAY_ADDRESS without --local) sends it to a cluster."""
+        if self.local and self.address and "RAY_ADDRESS" not in os.environ:
+            raise TlctlError("--local and --address: choose one (this machine, or a cluster)")
+        return bool(self.address) and not self.local
+
+
+def _run(task: ModelTask, where: Where) -> tuple[dict[str, Any] | None, str]:
+    """Pre-flight here, then run on local Ray or as a cluster job; (result, where it went).
+    The result is None when a cluster job was submitted without --wait."""
+    if not where.on_cluster:
+        prepared = task.prepare()
+        started = _start_ray(where.verbose)
+        try:
+            result = prepared.run()
+        finally:
+            if started:
+                import ray
+
+                ray.shutdown()
+        return result, _output_uri(prepared)
+    from orchestrator.targets.base import SubmitOptions
+    from orchestrator.targets.cluster import check_task_paths, follow_task, submit_task
+    from orchestrator.targets.jobs_api import cluster_address, connect
+
+    address = cluster_address(where.address)
+    check_task_paths(task, address)
+    prepared = task.prepare()  # here: exit 2 before anything is submitted
+    cluster = connect(address, connect_timeout_s=where.connect_timeout)
+    options = SubmitOptions(
+        submitted_at=time.time(),
+        verbose=where.verbose,
+        json_out=where.json_out,
+        pass_credentials=where.pass_credentials,
+    )
+    job_id, out = submit_task(cluster, prepared, options)
+    if not where.wait:
+        _submitted(job_id, cluster.address, out, where.json_out)
+        return None, out
+    code, row, result = follow_task(cluster, job_id, json_out=where.json_out)
+    if code != 0 or result is None:
+        raise typer.Exit(code or 1)
+    return result, out
+
+
+def _output_uri(prepared: PreparedTask) -> str:
+    if prepared.task.command == "evaluate":
+        return prepared.ref.layout.evaluation(prepared.name).uri
+    return prepared.plan.output.uri
+
+
+def _submitted(job_id: str, address: str, out: str, json_out: bool) -> None:
+    from orchestrator.display import console, emit_json
+
+    if json_out:
+        emit_json({"job_id": job_id, "address": address, "output": out})
+        return
+    console.print(
+        f"submitted job {job_id} to {address}; results go to {out} "
+        f"(follow: tlctl jobs logs {job_id} --follow)",
+        markup=False,
+        soft_wrap=True,
+    )
 
 
 def _start_ray(verbose: bool) -> bool:
@@ -127,38 +222,36 @@ def predict(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace what is at --output.")
     ] = False,
+    local: LocalOpt = False,
+    address: AddressOpt = None,
+    wait: WaitOpt = False,
+    pass_credentials: PassCredentialsOpt = False,
+    connect_timeout: ConnectTimeoutOpt = DEFAULT_CONNECT_TIMEOUT_S,
     json_out: JsonOpt = False,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Ray's own logs.")] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
-    """Batch inference on local Ray: one row per image (path, label, confidence, top-k, or
-    the image's error), written to --output with a _meta.json."""
-    from jobs.models.predict import plan_prediction, predict
-    from jobs.models.ref import resolve_ref
+    """Batch inference on local Ray (or a cluster with --address): one row per image
+    (path, label, confidence, top-k, or the image's error), written to --output with a
+    _meta.json."""
+    from jobs.models.task import ModelTask
+
+    args = {
+        "input": input_uri,
+        "output": output,
+        "top_k": top_k,
+        "fmt": fmt,
+        "all_probs": all_probs,
+        "image_column": image_column,
+        "id_column": id_column,
+        "overwrite": overwrite,
+    }
+    task = ModelTask("predict", run, storage, endpoint, args)
+    where = Where(local, address, wait, pass_credentials, connect_timeout, verbose, json_out)
+    meta, _ = _run(task, where)
+    if meta is None:
+        return
     from orchestrator.display import console, emit_json
 
-    ref = resolve_ref(run, storage, endpoint)
-    classes = list(ref.model.info["classes"])
-    top_k = min(5, len(classes)) if top_k is None else top_k
-    plan = plan_prediction(
-        input_uri,
-        output,
-        endpoint,
-        classes=classes,
-        top_k=top_k,
-        fmt=fmt,
-        overwrite=overwrite,
-        all_probs=all_probs,
-        image_column=image_column,
-        id_column=id_column,
-    )
-    started = _start_ray(verbose)
-    try:
-        meta = predict(ref, plan)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     if json_out:
         emit_json(meta)
         return

@@ -10,29 +10,22 @@ from typing import Annotated
 import typer
 
 from jobs.errors import TlctlError
-from orchestrator.cli.common import AddressOpt, EndpointOpt, JsonOpt, StorageOpt, YesOpt, guarded
+from orchestrator.cli.common import (
+    AddressOpt,
+    ConnectTimeoutOpt,
+    EndpointOpt,
+    JsonOpt,
+    LocalOpt,
+    PassCredentialsOpt,
+    StorageOpt,
+    VerboseOpt,
+    WaitOpt,
+    YesOpt,
+    guarded,
+)
 from orchestrator.targets.base import SubmitOptions, Target
 from orchestrator.targets.jobs_api import DEFAULT_CONNECT_TIMEOUT_S
 
-LocalOpt = Annotated[bool, typer.Option("--local", help="Run on an embedded local Ray.")]
-WaitOpt = Annotated[bool, typer.Option("--wait", help="Cluster: show progress until the job ends.")]
-PassCredentialsOpt = Annotated[
-    bool,
-    typer.Option(
-        "--pass-credentials",
-        help="Cluster: ship this machine's AWS key pair to the job (dev clusters).",
-    ),
-]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray's logs.")]
-ConnectTimeoutOpt = Annotated[
-    float,
-    typer.Option(
-        "--connect-timeout",
-        min=0,
-        help="Cluster: seconds to wait for a head that is still starting (its Jobs API "
-        "refusing connections or answering 'No available agent', 502/503/504).",
-    ),
-]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option("--set", help="Override a spec field: key.path=value (repeatable)."),

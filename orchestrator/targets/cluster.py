@@ -21,6 +21,7 @@ import re
 import shutil
 import tempfile
 import time
+import uuid
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ import jobs
 from jobs.driver.cluster_job import ERROR_PREFIX, SUMMARY_PREFIX
 from jobs.driver.preflight import Prepared, preflight
 from jobs.errors import TlctlError
+from jobs.models.task import TASK_FILE, ModelTask, PreparedTask
 from jobs.redact import clip, redact_data
 from jobs.spec.load import spec_yaml
 from jobs.spec.model import JobSpec
@@ -54,6 +56,8 @@ from orchestrator.targets.jobs_api import (
 )
 
 ENTRYPOINT_MODULE = "jobs.entrypoint"
+TASK_MODULE = "jobs.models.task"
+TRAINING_KINDS = ("train", "search")  # a run's jobs that write its checkpoints
 SPEC_FILE = "job.yaml"  # the resolved spec, in the job's working dir
 _ATTEMPT_RE = re.compile(r"-(\d+)$")
 
@@ -124,6 +128,19 @@ def runtime_env(
 ) -> dict[str, Any]:
     """The job's code (jobs package), resolved spec, env and pip needs; writes `workdir`."""
     (workdir / SPEC_FILE).write_text(spec_yaml(spec))  # redacted, as every stored spec
+    needs = list(pip)
+    if (
+        spec.search is not None
+        and spec.search.search_alg == "optuna"
+        and not any(p.startswith("optuna") for p in needs)
+    ):
+        needs.append("optuna>=3")
+    return package_env(workdir, pass_credentials=pass_credentials, pip=needs)
+
+
+def package_env(workdir: Path, *, pass_credentials: bool, pip: list[str]) -> dict[str, Any]:
+    """Any tlctl job's runtime_env: the jobs package, `workdir` (already holding what the
+    job reads) with the shipped credentials if asked for, the region, pip needs."""
     env_vars = {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
     for name in ("AWS_REGION", "AWS_DEFAULT_REGION"):
         if os.environ.get(name):
@@ -134,21 +151,14 @@ def runtime_env(
         with os.fdopen(fd, "w") as f:
             f.write(credentials_text(*client_credentials()))
         env_vars[ENV_VAR] = CREDENTIALS_FILE  # a file name, relative to the working dir
-    needs = list(pip)
-    if (
-        spec.search is not None
-        and spec.search.search_alg == "optuna"
-        and not any(p.startswith("optuna") for p in needs)
-    ):
-        needs.append("optuna>=3")
     env: dict[str, Any] = {
         "working_dir": str(workdir),
         "py_modules": [str(Path(jobs.__file__).parent)],
         "excludes": ["__pycache__", "*.pyc"],
         "env_vars": env_vars,
     }
-    if needs:
-        env["pip"] = needs
+    if pip:
+        env["pip"] = list(pip)
     return env
 
 
@@ -161,7 +171,8 @@ def submit_job(cluster: Cluster, prepared: Prepared, options: SubmitOptions) -> 
     """Submit the prepared job; returns its submission id."""
     spec = prepared.spec
     run = spec.name
-    attempt = next_attempt(tlctl_jobs(cluster, run), run)
+    training = [j for j in tlctl_jobs(cluster, run) if job_row(j)["kind"] in TRAINING_KINDS]
+    attempt = next_attempt(training, run)
     job_id = submission_id(run, attempt)
     metadata = redact_data(  # the Jobs API shows metadata to anyone who can list jobs
         {
@@ -173,19 +184,12 @@ def submit_job(cluster: Cluster, prepared: Prepared, options: SubmitOptions) -> 
             "attempt": str(attempt),
         }
     )
-    if not options.verbose:  # "Uploading package gcs://…" lines: noise for a tlctl user
-        for name in ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging"):
-            logging.getLogger(name).setLevel(logging.WARNING)
+    _quiet_uploads(options.verbose)
     workdir = Path(tempfile.mkdtemp(prefix="tlctl-job-"))
     try:
         env = runtime_env(
             spec, workdir, pass_credentials=options.pass_credentials, pip=list(options.pip)
         )
-        resources: dict[str, Any] = {}
-        if options.driver_cpus > 0:
-            resources["entrypoint_num_cpus"] = options.driver_cpus
-        if options.driver_memory_mb > 0:
-            resources["entrypoint_memory"] = options.driver_memory_mb * 1024 * 1024
         with api_errors(cluster.address):
             try:
                 submit(  # waits out a head whose job agent is still starting
@@ -194,7 +198,7 @@ def submit_job(cluster: Cluster, prepared: Prepared, options: SubmitOptions) -> 
                     submission_id=job_id,
                     runtime_env=env,
                     metadata=metadata,
-                    **resources,
+                    **_driver_resources(options),
                 )
             except RuntimeError as exc:
                 if "already exists" in str(exc):
@@ -206,6 +210,21 @@ def submit_job(cluster: Cluster, prepared: Prepared, options: SubmitOptions) -> 
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return job_id
+
+
+def _quiet_uploads(verbose: bool) -> None:
+    if not verbose:  # "Uploading package gcs://…" lines: noise for a tlctl user
+        for name in ("ray.dashboard.modules.dashboard_sdk", "ray._private.runtime_env.packaging"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _driver_resources(options: SubmitOptions) -> dict[str, Any]:
+    resources: dict[str, Any] = {}
+    if options.driver_cpus > 0:
+        resources["entrypoint_num_cpus"] = options.driver_cpus
+    if options.driver_memory_mb > 0:
+        resources["entrypoint_memory"] = options.driver_memory_mb * 1024 * 1024
+    return resources
 
 
 class ClusterTarget:
@@ -265,6 +284,11 @@ def follow(cluster: Cluster, job_id: str, prepared: Prepared, *, json_out: bool)
         display.emit_json({"job": row, "summary": summary})
     elif summary:
         display.print_summary(summary)
+    return outcome(job_id, row, logs)
+
+
+def outcome(job_id: str, row: dict[str, Any], logs: str) -> int:
+    """An ended job's exit code (tlctl's own, from its entrypoint), its error line shown."""
     if row["status"] == "SUCCEEDED":
         return 0
     reason = _last_line(logs, ERROR_PREFIX) or row.get("message") or row["status"]
@@ -301,6 +325,19 @@ def wait_for_job(
     """Poll the job's status and feed its metrics.jsonl (from storage) to `on_progress`
     until it ends; returns its final row."""
     feed = MetricsFeed(prepared)
+
+    def on_poll() -> None:
+        for item in feed.new_items():
+            on_progress(item)
+
+    return poll_job(cluster, job_id, on_poll, on_status, poll_s=poll_s)
+
+
+def poll_job(
+    cluster: Cluster, job_id: str, on_poll, on_status=None, *, poll_s: float = 2.0
+) -> dict[str, Any]:
+    """Poll the job's status, calling `on_poll()` each time (once more at the end), until
+    it ends; returns its final row."""
     last_status = None
     while True:
         row = job_row(get_job(cluster, job_id))
@@ -308,13 +345,95 @@ def wait_for_job(
             last_status = row["status"]
             if on_status is not None:
                 on_status(row)
-        for item in feed.new_items():
-            on_progress(item)
+        on_poll()
         if row["status"] in TERMINAL:
-            for item in feed.new_items():
-                on_progress(item)
+            on_poll()
             return row
         time.sleep(poll_s)
+
+
+# ---------------------------------------------------------------------------------------
+# evaluate and predict as cluster jobs (jobs.models.task).
+
+
+def check_task_paths(task: ModelTask, address: str) -> None:
+    """Exit 2 when a remote cluster is asked to read or write paths on this machine."""
+    if not is_loopback(address):
+        errors = task.remote_path_errors()
+        if errors:
+            raise TlctlError("; ".join(errors))  # each names its flag: one line
+
+
+def submit_task(
+    cluster: Cluster, prepared: PreparedTask, options: SubmitOptions
+) -> tuple[str, str]:
+    """Submit a pre-flighted evaluate/predict; returns (submission id, what it writes)."""
+    task = prepared.task
+    run = prepared.ref.layout.name
+    job_id = f"tlctl-{task.command}-{run}-{uuid.uuid4().hex[:8]}"
+    where = (
+        prepared.ref.layout.evaluation(prepared.name).uri
+        if task.command == "evaluate"
+        else prepared.plan.output.uri
+    )
+    metadata = redact_data(
+        {
+            "tlctl": tlctl_version(),
+            "run": run,
+            "kind": task.command,
+            "run_uri": prepared.ref.layout.uri,
+            "model_ref": prepared.ref.text,
+            "output_uri": where,
+            "storage_endpoint": task.endpoint or "",
+        }
+    )
+    _quiet_uploads(options.verbose)
+    workdir = Path(tempfile.mkdtemp(prefix="tlctl-job-"))
+    try:
+        (workdir / TASK_FILE).write_text(task.to_json())
+        env = package_env(workdir, pass_credentials=options.pass_credentials, pip=list(options.pip))
+        command = f"python -m {TASK_MODULE} --request {TASK_FILE}"
+        with api_errors(cluster.address):
+            submit(
+                cluster,
+                entrypoint=command + (" --verbose" if options.verbose else ""),
+                submission_id=job_id,
+                runtime_env=env,
+                metadata=metadata,
+                **_driver_resources(options),
+            )
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return job_id, where
+
+
+def follow_task(
+    cluster: Cluster, job_id: str, *, json_out: bool
+) -> tuple[int, dict[str, Any], dict[str, Any] | None]:
+    """Follow an evaluate/predict job, showing its `tlctl:` progress lines (on stderr with
+    --json); returns (exit code, the job's row, its result)."""
+    shown = [0]
+
+    def say(line: str) -> None:
+        (display.err_console if json_out else display.console).print(line, markup=False)
+
+    def on_poll() -> None:
+        lines = [ln for ln in job_logs(cluster, job_id).splitlines() if ln.startswith("tlctl: ")]
+        for line in lines[shown[0] :]:
+            say(line)
+        shown[0] = max(shown[0], len(lines))
+
+    say(f"job {job_id} submitted to {cluster.address}; following (Ctrl-C detaches)")
+    try:
+        row = poll_job(cluster, job_id, on_poll, lambda r: say(f"job {job_id}: {r['status']}"))
+    except KeyboardInterrupt:
+        display.err_console.print(
+            f"detached: job {job_id} keeps running on the cluster "
+            f"(tlctl jobs logs {job_id} --follow; tlctl jobs stop {job_id})"
+        )
+        return 130, {}, None
+    logs = job_logs(cluster, job_id)
+    return outcome(job_id, row, logs), row, _last_json(logs, SUMMARY_PREFIX)
 
 
 class MetricsFeed:

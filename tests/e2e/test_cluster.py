@@ -219,6 +219,57 @@ def test_job_trains_across_both_nodes_and_never_shows_the_secret(env: dict) -> N
     )
 
 
+def test_evaluate_and_predict_run_as_cluster_jobs(env: dict) -> None:
+    """The model commands go through the Jobs API like submit: pre-flight here, again on
+    the cluster, credentials shipped, progress and the result read back with --wait."""
+    storage = ["--storage", env["storage"], "--pass-credentials", "--wait", "--json"]
+    if not exists(resolve(env["storage"], env["endpoint"]).join("two-nodes", "model")):
+        done = tlctl(env, "submit", str(write_spec(env, "two-nodes")), "--pass-credentials")
+        assert done.returncode == 0 and wait_terminal(env, "tlctl-two-nodes-1")[-1] == "SUCCEEDED"
+    evaluated = tlctl(
+        env, "evaluate", "two-nodes", "--data", env["data"], "--name", "all", *storage
+    )
+    assert evaluated.returncode == 0, evaluated.stdout[-2000:] + evaluated.stderr
+    metrics = json.loads(evaluated.stdout)
+    assert metrics["n"] == 90 and sum(r["support"] for r in metrics["per_class"].values()) == 90
+    assert "SUCCEEDED" in evaluated.stderr  # the follow's lines: on stderr with --json
+    stored = resolve(env["storage"], env["endpoint"]).join("two-nodes", "eval", "all")
+    assert json.loads(read_bytes(stored.join("metrics.json")))["top1"] == metrics["top1"]
+
+    out = env["storage"].rsplit("/", 1)[0] + "/preds/two-nodes"
+    predicted = tlctl(
+        env, "predict", "two-nodes", "--input", env["data"], "--output", out, *storage
+    )
+    assert predicted.returncode == 0, predicted.stdout[-2000:] + predicted.stderr
+    meta = json.loads(predicted.stdout)
+    assert meta["rows"] == meta["images"] == 90 and meta["errors"] == 0
+    assert "tlctl: predict: 90/90 images" in predicted.stderr
+    # The same model on the same images: predict's top-1 is evaluate's, image by image.
+    import pyarrow.parquet as pq
+
+    evaluated_rows = pq.read_table(io.BytesIO(read_bytes(stored.join("predictions.parquet"))))
+    outputs = resolve(out, env["endpoint"])
+    parts = [n for n in list_dir(outputs) if n.endswith(".parquet")]
+    rows = [
+        r for n in parts for r in pq.read_table(io.BytesIO(read_bytes(outputs.join(n)))).to_pylist()
+    ]
+    by_path = {r["path"]: r["prediction"] for r in evaluated_rows.to_pylist()}
+    assert len(rows) == 90 and all(
+        by_path[r["path"].removeprefix("s3://")] == r["prediction"] for r in rows
+    )
+    assert not exists(outputs.join("_lease.json"))
+
+    # A second predict into the same output: refused here, before anything is submitted.
+    again = tlctl(env, "predict", "two-nodes", "--input", env["data"], "--output", out, *storage)
+    assert (
+        again.returncode == 2 and "--output:" in again.stderr and "exists already" in again.stderr
+    )
+    listed = {r["id"]: r for r in json.loads(tlctl(env, "jobs", "list", "--json").stdout)}
+    kinds = [r["kind"] for r in listed.values() if r["run"] == "two-nodes"]
+    assert "evaluate" in kinds and "predict" in kinds
+    no_secret(env, evaluated.stdout, evaluated.stderr, predicted.stdout, predicted.stderr)
+
+
 def test_wait_shows_progress_and_exits_with_the_jobs_outcome(env: dict) -> None:
     ok = tlctl(env, "submit", str(write_spec(env, "waited")), "--pass-credentials", "--wait")
     assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr

@@ -210,6 +210,21 @@ def test_evaluate_and_predict_refuse_bad_input_before_ray(tmp_path, monkeypatch)
             ["predict", "run-a", "--input", str(tmp_path), "--output", str(tmp_path / "x" / "o")],
             "is inside --input",
         ),
+        # A remote cluster cannot read this machine's files: refused before connecting to it.
+        (
+            ["evaluate", "run-a", "--data", str(images), "--address", "http://10.255.0.9:8265"],
+            f"--data: {images} is a path on this machine",
+        ),
+        (
+            ["predict", "s3://b/runs/a", "--input", str(images), "--output", "s3://b/o"]
+            + ["--address", "http://10.255.0.9:8265"],
+            f"--input: {images} is a path on this machine",
+        ),
+        (
+            ["predict", "run-a", "--input", str(images), "--output", str(tmp_path / "o")]
+            + ["--local", "--address", "http://127.0.0.1:8265"],
+            "--local and --address: choose one",
+        ),
     )
     for args, words in cases:
         out = runner.invoke(app, [*args, *storage])
@@ -218,3 +233,27 @@ def test_evaluate_and_predict_refuse_bad_input_before_ray(tmp_path, monkeypatch)
         assert len(out.output.strip().splitlines()) == 1, out.output
     assert not (tmp_path / "o").exists() and not (tmp_path / "x").exists()
     assert not (tmp_path / "runs" / "run-a" / "eval").exists()
+
+
+def test_two_predicts_into_one_output_cannot_both_write(tmp_path) -> None:
+    """Both pass pre-flight (the output is new to each); the output's lease lets one write:
+    the other is refused, exit 2, before any compute and without touching the output."""
+    import numpy as np
+    from PIL import Image
+
+    from jobs.models.predict import PREDICT_LEASE, plan_prediction, predict
+    from jobs.storage.lease import acquire
+
+    root = resolve(str(tmp_path / "runs"))
+    make_run(root, "run-a")
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(images / "a.png")
+    args = dict(classes=CLASSES, top_k=1, fmt="parquet", overwrite=False)
+    plan = plan_prediction(str(images), str(tmp_path / "out"), None, **args)
+    other = acquire(plan.output.join(PREDICT_LEASE), job="another tlctl predict")
+    with pytest.raises(TlctlError) as refused:
+        predict(resolve_ref("run-a", root.uri, None), plan)
+    assert refused.value.exit_code == 2 and "another tlctl predict" in refused.value.message
+    assert list_dir(plan.output) == [PREDICT_LEASE]
+    other.release()

@@ -398,13 +398,21 @@ def _null_count(pf: Any, leaf: str) -> int | None:
     return total
 
 
-def _parquet_labels(
-    loc: Location, files: list[str], image_column: str, label_column: str, field_name: str
+def parquet_labels(
+    loc: Location,
+    files: list[str],
+    image_column: str,
+    label_column: str,
+    field_name: str,
+    keys: tuple[str, str] = ("data.image_column", "data.label_column"),
 ) -> list[Any]:
     """Every label of `files`, read only after each file's column types are checked: a
     column whose type could unpickle (Ray's `ray.data.arrow_pickled_object`, any extension
-    type) or that tlctl does not read is refused before one value is read."""
+    type) or that tlctl does not read is refused before one value is read. `keys`: how
+    messages name the two columns' settings (spec fields, or a command's flags)."""
     import pyarrow.parquet as pq
+
+    image_key, label_key = keys
 
     labels: list[Any] = []
     kinds: dict[str, str] = {}  # label kind -> first file with it
@@ -413,7 +421,7 @@ def _parquet_labels(
             with loc.fs.open_input_file(path) as f:
                 pf = pq.ParquetFile(f)
                 schema = pf.schema_arrow
-                _check_columns(schema, path, image_column, label_column)
+                _check_columns(schema, path, image_column, label_column, keys)
                 kind = _label_kind(schema.field(label_column))
                 kinds.setdefault(kind, path)
                 image_nulls = _null_count(pf, image_leaf(schema.field(image_column)))
@@ -426,48 +434,52 @@ def _parquet_labels(
             ) from exc
         if column.null_count:
             raise TlctlError(
-                f"data.label_column: column '{label_column}' in {path} has "
+                f"{label_key}: column '{label_column}' in {path} has "
                 f"{column.null_count} null label{'s' if column.null_count != 1 else ''} "
                 f"of {len(column)} rows (every row needs a class: drop those rows or label them)"
             )
         if image_nulls:
             raise TlctlError(
-                f"data.image_column: column '{image_column}' in {path} has {image_nulls} "
+                f"{image_key}: column '{image_column}' in {path} has {image_nulls} "
                 f"null image{'s' if image_nulls != 1 else ''} of {len(column)} rows "
                 "(every row needs image bytes: drop those rows)"
             )
         labels.extend(column.to_pylist())
     if len(kinds) > 1:
         raise TlctlError(
-            f"data.label_column: column '{label_column}' holds integers in {kinds['integer']} "
+            f"{label_key}: column '{label_column}' holds integers in {kinds['integer']} "
             f"but strings in {kinds['string']} (all files must label classes the same way)"
         )
     return labels
 
 
-def _check_columns(schema: pa.Schema, path: str, image_column: str, label_column: str) -> None:
+def _check_columns(
+    schema: pa.Schema, path: str, image_column: str, label_column: str, keys: tuple[str, str]
+) -> None:
     """Both columns exist and have a type tlctl reads (checked on the schema alone)."""
-    for column, key in ((image_column, "image_column"), (label_column, "label_column")):
+    image_key, label_key = keys
+    for column, key in ((image_column, image_key), (label_column, label_key)):
         if column not in schema.names:
             raise TlctlError(
-                f"data.{key}: column '{column}' not in {path} (valid: {', '.join(schema.names)})"
+                f"{key}: column '{column}' not in {path} (valid: {', '.join(schema.names)})"
             )
     label = schema.field(label_column)
     if _label_kind(label) is None:
         raise TlctlError(
-            f"data.label_column: column '{label_column}' in {path} has type "
+            f"{label_key}: column '{label_column}' in {path} has type "
             f"{type_text(label)} (valid: {VALID_LABEL_TYPES})"
         )
     image = schema.field(image_column)
     if image_leaf(image) is None:
         raise TlctlError(
-            f"data.image_column: column '{image_column}' in {path} has type "
+            f"{image_key}: column '{image_column}' in {path} has type "
             f"{type_text(image)} (valid: {VALID_IMAGE_TYPES}, as Ray and Hugging Face write "
             "images)"
         )
 
 
-def _label_names(values: Sequence[Any]) -> list[str]:
+def label_names(values: Sequence[Any]) -> list[str]:
+    """The class names of Parquet labels, as training names them (sorted, as text)."""
     uniq = sorted({v for v in values if v is not None}, key=lambda v: (str(type(v)), v))
     return [str(v) for v in uniq]
 
@@ -544,8 +556,8 @@ def _plan_parquet(
     files = parquet_files(train_loc, "data.train")
     if not files:
         raise TlctlError(f"data.train: {train_loc.uri} holds no .parquet files")
-    labels = _parquet_labels(train_loc, files, image_column, label_column, "data.train")
-    classes = _label_names(labels)
+    labels = parquet_labels(train_loc, files, image_column, label_column, "data.train")
+    classes = label_names(labels)
     if len(classes) < 2:
         raise TlctlError(f"data.train: {train_loc.uri} has fewer than 2 distinct labels")
     train = Split("parquet", train_loc, files, rows=len(labels))
@@ -554,10 +566,10 @@ def _plan_parquet(
         vfiles = parquet_files(val_loc, "data.val")
         if not vfiles:
             raise TlctlError(f"data.val: {val_loc.uri} holds no .parquet files")
-        vlabels = _parquet_labels(val_loc, vfiles, image_column, label_column, "data.val")
+        vlabels = parquet_labels(val_loc, vfiles, image_column, label_column, "data.val")
         if not vlabels:
             raise TlctlError(f"data.val: {val_loc.uri} holds no rows (no validation images)")
-        unknown = sorted(set(_label_names(vlabels)) - set(classes))
+        unknown = sorted(set(label_names(vlabels)) - set(classes))
         if unknown:
             raise TlctlError(f"data.val: labels not in data.train: {', '.join(unknown)}")
         val = Split("parquet", val_loc, vfiles, rows=len(vlabels))

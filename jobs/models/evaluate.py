@@ -1,9 +1,9 @@
 """`tlctl evaluate`: a run's model measured on a labelled dataset, every image exactly once.
 
 An actor pool reads, decodes (the training decode and resize) and scores the image files
-(jobs.models.scoring, fp32); the per-image results (a few numbers each) come back to this
-process, which computes the metrics (jobs.models.metrics) and writes `<run>/eval/<name>/`
-under the run's evaluation lease.
+or Parquet rows (jobs.models.scoring, fp32); the per-image results (a few numbers each)
+come back to this process, which computes the metrics (jobs.models.metrics) and writes
+`<run>/eval/<name>/` under the run's evaluation lease.
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ from typing import Any
 import numpy as np
 
 from jobs.data.pipeline import decode_image
-from jobs.data.plan import scan_imagefolder
+from jobs.data.plan import label_names, parquet_files, parquet_labels, scan_imagefolder
 from jobs.errors import TlctlError
 from jobs.models.metrics import calibration_bins, classification_metrics
 from jobs.models.ref import ModelRef
 from jobs.models.registry import NAME_RE
-from jobs.models.scoring import scored
+from jobs.models.scoring import ParquetInput, is_parquet, scored
 from jobs.storage.layout import EVAL_FILES, EVAL_METRICS, EVAL_PREDICTIONS, LEASE
 from jobs.storage.lease import acquire
 from jobs.storage.location import Location, read_bytes, resolve, write_bytes, write_text
@@ -38,18 +38,54 @@ CONFUSION_GRID_MAX = 30  # classes; above it, the most confused pairs
 
 @dataclass(frozen=True)
 class EvalPlan:
-    """The labelled images to evaluate, labels as indices of the model's classes."""
+    """The labelled images to evaluate, labels as indices of the model's classes (one per
+    file, or for Parquet one per row of all files, in order)."""
 
     data: Location
     files: list[str]
     labels: list[int]
     data_classes: list[str]
+    parquet: ParquetInput | None = None
 
 
-def plan_evaluation(data_uri: str, endpoint: str | None, classes: list[str]) -> EvalPlan:
-    """List an ImageFolder tree; a class the model does not know is exit 2, naming it."""
+def plan_evaluation(
+    data_uri: str,
+    endpoint: str | None,
+    classes: list[str],
+    *,
+    image_column: str = "image",
+    label_column: str = "label",
+) -> EvalPlan:
+    """List an ImageFolder tree, or read a Parquet dataset's labels (column types checked
+    first: nothing is unpickled); a class the model does not know is exit 2, naming it."""
     loc = resolve(data_uri, endpoint, field="--data", endpoint_field="--endpoint")
+    if is_parquet(loc):
+        return _plan_parquet(loc, classes, image_column, label_column)
     data_classes, by_class = scan_imagefolder(loc, "--data")
+    _check_known(data_classes, classes)
+    index = {c: i for i, c in enumerate(classes)}
+    files = [f for c in data_classes for f in by_class[c]]
+    labels = [index[c] for c in data_classes for _ in by_class[c]]
+    return EvalPlan(loc, files, labels, data_classes)
+
+
+def _plan_parquet(
+    loc: Location, classes: list[str], image_column: str, label_column: str
+) -> EvalPlan:
+    files = parquet_files(loc, "--data")
+    keys = ("--image-column", "--label-column")
+    values = parquet_labels(loc, files, image_column, label_column, "--data", keys)
+    if not values:
+        raise TlctlError(f"--data: {loc.uri} holds no rows")
+    names = [str(v) for v in values]  # as training names Parquet classes
+    data_classes = label_names(values)
+    _check_known(data_classes, classes)
+    index = {c: i for i, c in enumerate(classes)}
+    labels = [index[n] for n in names]
+    return EvalPlan(loc, files, labels, data_classes, ParquetInput(image_column, None, len(labels)))
+
+
+def _check_known(data_classes: list[str], classes: list[str]) -> None:
     unknown = [c for c in data_classes if c not in classes]
     if unknown:
         raise TlctlError(
@@ -57,10 +93,6 @@ def plan_evaluation(data_uri: str, endpoint: str | None, classes: list[str]) -> 
             f"{'are' if len(unknown) > 1 else 'is'} unknown to the model (it knows: "
             f"{', '.join(classes)})"
         )
-    index = {c: i for i, c in enumerate(classes)}
-    files = [f for c in data_classes for f in by_class[c]]
-    labels = [index[c] for c in data_classes for _ in by_class[c]]
-    return EvalPlan(loc, files, labels, data_classes)
 
 
 def default_name(data_uri: str) -> str:
@@ -88,11 +120,22 @@ def score(ref: ModelRef, plan: EvalPlan, *, actors: int | None = None) -> dict[s
     """Every image of the plan, scored once; columns as numpy arrays in file order."""
     k = min(TOP_K, len(ref.model.info["classes"]))
     parts = list(
-        scored(plan.data, plan.files, ref, k, labels=plan.labels, strict=True, actors=actors)
+        scored(
+            plan.data,
+            plan.files,
+            ref,
+            k,
+            labels=plan.labels,
+            strict=True,
+            actors=actors,
+            parquet=plan.parquet,
+        )
     )
     if not parts:
         raise TlctlError("--data: no images were read")
     cols = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    if "id" in cols:  # Parquet rows: `<file>#<row>` stands where a file's path would
+        cols["path"] = cols.pop("id")
     order = np.argsort(cols["path"].astype(str), kind="stable")
     return {name: values[order] for name, values in cols.items()}
 
@@ -237,6 +280,21 @@ def _reliability_png(metrics: dict[str, Any]) -> bytes:
     return _png(fig)
 
 
+def _image_bytes(plan: EvalPlan, path: str) -> bytes:
+    """One evaluated image's bytes again: its file, or its Parquet row (`<file>#<row>`,
+    the column's type checked in the plan)."""
+    if plan.parquet is None:
+        return read_bytes(plan.data.join(_relative(path, plan.data.path)))
+    import pyarrow.parquet as pq
+
+    from jobs.data.pipeline import row_bytes
+
+    file, _, row = path.rpartition("#")
+    with plan.data.fs.open_input_file(file) as f:
+        column = pq.read_table(f, columns=[plan.parquet.image_column]).column(0)
+    return row_bytes(column[int(row)].as_py(), plan.parquet.image_column, int(row))
+
+
 def _errors_html(
     cols: dict[str, np.ndarray], classes: list[str], plan: EvalPlan, size: int, title: str
 ) -> str:
@@ -248,9 +306,8 @@ def _errors_html(
     cells = []
     for i in wrong:
         path = str(cols["path"][i])
-        loc = plan.data.join(_relative(path, plan.data.path))
         png = io.BytesIO()
-        Image.fromarray(decode_image(read_bytes(loc), size, path)).save(png, format="PNG")
+        Image.fromarray(decode_image(_image_bytes(plan, path), size, path)).save(png, format="PNG")
         src = base64.b64encode(png.getvalue()).decode()
         cells.append(
             f'<figure><img src="data:image/png;base64,{src}" width="96" height="96">'

@@ -23,7 +23,7 @@ import numpy as np
 from jobs.data.plan import IMAGE_EXTENSIONS
 from jobs.errors import TlctlError
 from jobs.models.ref import ModelRef
-from jobs.models.scoring import scored
+from jobs.models.scoring import ParquetInput, is_parquet, scored
 from jobs.storage.lease import acquire
 from jobs.storage.location import Location, delete_tree, exists, list_dir, resolve, write_text
 
@@ -43,15 +43,6 @@ class PredictPlan:
     top_k: int
     all_probs: bool = False
     parquet: ParquetInput | None = None  # Parquet rows instead of image files
-
-
-@dataclass(frozen=True)
-class ParquetInput:
-    """Images as a Parquet column (bytes, or Ray's/Hugging Face's {bytes: …} struct)."""
-
-    image_column: str
-    id_column: str | None  # each row's id in the output; None: <file>#<row>
-    rows: int
 
 
 def _check_parquet(
@@ -187,7 +178,7 @@ def plan_prediction(
     ):
         raise TlctlError(f"--output: {output.uri} is inside --input {source.uri}; choose another")
     parquet = None
-    if _is_parquet(source):
+    if is_parquet(source):
         from jobs.data.plan import parquet_files
 
         files = parquet_files(source, "--input")
@@ -196,15 +187,6 @@ def plan_prediction(
         files = list_images(source, "--input")
     check_new_output(output, "--output", overwrite)
     return PredictPlan(source, files, output, fmt, top_k, all_probs, parquet)
-
-
-def _is_parquet(loc: Location) -> bool:
-    """A .parquet file, or a directory with .parquet files directly in it."""
-    from jobs.data.plan import PARQUET_EXTENSIONS
-
-    if loc.path.endswith(PARQUET_EXTENSIONS):
-        return True
-    return exists(loc) and any(n.endswith(PARQUET_EXTENSIONS) for n in list_dir(loc))
 
 
 def _table(batch: dict[str, Any], classes: list[str], scheme: str, all_probs: bool):

@@ -13,6 +13,7 @@ import io
 import warnings
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -22,7 +23,7 @@ from jobs.errors import CORRUPT_MARKER, TlctlError
 from jobs.models.ref import ModelRef
 from jobs.models.registry import RunModel
 from jobs.storage.layout import MODEL_INFO, WEIGHTS, RunLayout
-from jobs.storage.location import Location, resolve
+from jobs.storage.location import Location, exists, list_dir, resolve
 
 SCORE_BATCH = 64  # images per scorer call (and per input block)
 
@@ -125,6 +126,8 @@ class Scorer:
             try:
                 items.append((name, row_bytes(value, self.image_column, first + i)))
             except ValueError as exc:
+                if self.strict:
+                    raise
                 items.append((name, str(exc).replace(f"{CORRUPT_MARKER} ", "", 1)))
         return items
 
@@ -168,11 +171,31 @@ class Scorer:
         out["topk_prob"] = top_logp.exp().numpy().astype(np.float64)
         if self.all_probs:
             out["probs"] = logp.exp().numpy().astype(np.float64)
-        if "label" in batch:
-            labels = torch.from_numpy(np.asarray(batch["label"], dtype=np.int64))
+        if parquet and "labels" in batch:  # a chunk's rows' labels, as file rows have theirs
+            out["label"] = np.asarray(batch["labels"][0], dtype=np.int64)
+        if "label" in out:  # passed through from a file batch, or the chunk's
+            labels = torch.from_numpy(np.asarray(out["label"], dtype=np.int64))
             out["nll"] = (-logp.gather(1, labels[:, None])[:, 0]).numpy().astype(np.float64)
             out["topk_hit"] = (top_idx == labels[:, None]).any(dim=1).numpy()
         return out
+
+
+@dataclass(frozen=True)
+class ParquetInput:
+    """Images as a Parquet column (bytes, or Ray's/Hugging Face's {bytes: …} struct)."""
+
+    image_column: str
+    id_column: str | None  # each row's id in the output; None: <file>#<row>
+    rows: int
+
+
+def is_parquet(loc: Location) -> bool:
+    """A .parquet file, or a directory with .parquet files directly in it."""
+    from jobs.data.plan import PARQUET_EXTENSIONS
+
+    if loc.path.endswith(PARQUET_EXTENSIONS):
+        return True
+    return exists(loc) and any(n.endswith(PARQUET_EXTENSIONS) for n in list_dir(loc))
 
 
 def pool_shape(resources: dict[str, float]) -> tuple[int, float]:
@@ -194,7 +217,7 @@ def scored(
     strict: bool,
     all_probs: bool = False,
     actors: int | None = None,
-    parquet: Any = None,  # jobs.models.predict.ParquetInput: rows of Parquet `files`
+    parquet: ParquetInput | None = None,  # rows of Parquet `files` instead of image files
 ) -> Iterator[dict[str, np.ndarray]]:
     """`files` of `source` (with their `labels`, if any) through a pool of Scorers of
     `ref`'s model: batches of per-image results, in no particular order."""
@@ -203,8 +226,8 @@ def scored(
     import ray.data
 
     count, gpus = pool_shape(ray.cluster_resources())
-    if parquet is not None:
-        blocks = _parquet_chunks(source, files)  # one chunk of <= SCORE_BATCH rows each
+    if parquet is not None:  # one chunk of <= SCORE_BATCH rows each, with its labels
+        blocks = _parquet_chunks(source, files, labels)
     else:
         columns: dict[str, Any] = {"path": files}
         if labels is not None:
@@ -240,13 +263,15 @@ def scored(
     yield from ds.iter_batches(batch_size=None, batch_format="numpy")
 
 
-def _parquet_chunks(source: Location, files: list[str]) -> list:  # -> list[pyarrow.Table]
+def _parquet_chunks(source: Location, files: list[str], labels: list[int] | None) -> list:
     """Each file's rows as chunks of at most SCORE_BATCH rows inside one row group (from
-    the footers alone), one single-row block per chunk, in file order."""
+    the footers alone), one single-row block per chunk, in file order; with `labels` (one
+    per row of all files, in that order), each chunk carries its rows' labels."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     blocks = []
+    done = 0  # rows of earlier chunks
     for file in files:
         with source.fs.open_input_file(file) as f:
             meta = pq.ParquetFile(f).metadata
@@ -255,16 +280,18 @@ def _parquet_chunks(source: Location, files: list[str]) -> list:  # -> list[pyar
             rows = meta.row_group(group).num_rows
             for offset in range(0, rows, SCORE_BATCH):
                 length = min(SCORE_BATCH, rows - offset)
-                blocks.append(
-                    pa.table(
-                        {
-                            "file": [file],
-                            "row_group": [group],
-                            "offset": [offset],
-                            "length": [length],
-                            "first_row": [first + offset],
-                        }
+                chunk: dict[str, Any] = {
+                    "file": [file],
+                    "row_group": [group],
+                    "offset": [offset],
+                    "length": [length],
+                    "first_row": [first + offset],
+                }
+                if labels is not None:
+                    chunk["labels"] = pa.array(
+                        [labels[done : done + length]], type=pa.list_(pa.int64())
                     )
-                )
+                blocks.append(pa.table(chunk))
+                done += length
             first += rows
     return blocks

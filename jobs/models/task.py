@@ -78,7 +78,13 @@ class ModelTask:
             check_name(name)
             ref = resolve_ref(self.ref, self.storage, self.endpoint)
             classes = list(ref.model.info["classes"])
-            plan: Any = plan_evaluation(self.args["data"], self.endpoint, classes)
+            plan: Any = plan_evaluation(
+                self.args["data"],
+                self.endpoint,
+                classes,
+                image_column=self.args.get("image_column", "image"),
+                label_column=self.args.get("label_column", "label"),
+            )
             return PreparedTask(self, ref, plan, name)
         from jobs.models.predict import plan_prediction
 

@@ -61,7 +61,11 @@ def _print_metrics(m: dict[str, Any], where: str) -> None:
 def evaluate(
     run: Annotated[str, typer.Argument(help="RUN name, run URI, or MODEL@ALIAS.")],
     data: Annotated[
-        str, typer.Option("--data", help="Labelled images: an ImageFolder tree (dir or s3://).")
+        str,
+        typer.Option(
+            "--data",
+            help="Labelled images: an ImageFolder tree, or Parquet file(s) (dir or s3://).",
+        ),
     ],
     storage: StorageOpt,
     endpoint: EndpointOpt = None,
@@ -69,6 +73,12 @@ def evaluate(
         str | None,
         typer.Option("--name", help="Evaluation name: <run>/eval/<name>/ (default: data's)."),
     ] = None,
+    image_column: Annotated[
+        str, typer.Option("--image-column", help="Parquet data: the image bytes column.")
+    ] = "image",
+    label_column: Annotated[
+        str, typer.Option("--label-column", help="Parquet data: the class column.")
+    ] = "label",
     local: LocalOpt = False,
     address: AddressOpt = None,
     wait: WaitOpt = False,
@@ -82,7 +92,8 @@ def evaluate(
     mistakes go to <run>/eval/<name>/."""
     from jobs.models.task import ModelTask
 
-    task = ModelTask("evaluate", run, storage, endpoint, {"data": data, "name": name})
+    args = {"data": data, "name": name, "image_column": image_column}
+    task = ModelTask("evaluate", run, storage, endpoint, {**args, "label_column": label_column})
     where = Where(local, address, wait, pass_credentials, connect_timeout, verbose, json_out)
     metrics, out = _run(task, where)
     if metrics is None:

@@ -511,6 +511,39 @@ def test_predict_reads_parquet_rows_and_names_them_by_id(
     assert correct / len(good) == pytest.approx(info["metrics"]["val_acc"], abs=1e-12)
 
 
+def test_evaluate_reads_parquet_rows_with_the_same_numbers_as_the_folder(
+    env: dict, plain_run: str, tmp_path: Path
+) -> None:
+    """The run's validation images as Parquet rows (Hugging Face's image struct, class
+    names in a label column, 3 row groups): the run's val_acc and val_loss again."""
+    import pyarrow as pa
+
+    run = run_loc(env, plain_run)
+    info = json.loads(read_text(run.join("model", "model.json")))
+    files = sorted((env["tmp"] / "val").rglob("*.png"))
+    images = [{"bytes": f.read_bytes(), "path": f.name} for f in files]
+    table = pa.table({"img": images, "cls": [f.parent.name for f in files]})
+    source = tmp_path / "val.parquet"
+    pq.write_table(table, source, row_group_size=100)
+    args = ["evaluate", plain_run, "--data", str(source), "--name", "val-rows", "--json"]
+    flags = ["--image-column", "img", "--label-column", "cls"]
+    storage = ["--storage", env["storage"], "--endpoint", env["endpoint"]]
+    done = runner.invoke(app, [*args, *flags, *storage])
+    assert done.exit_code == 0, done.output
+    assert done.stdout.startswith("{"), done.stdout[:2000]
+    m = json.loads(done.stdout)
+    assert m["n"] == len(files) == info["metrics"]["val_images"]
+    assert m["top1"] == pytest.approx(info["metrics"]["val_acc"], abs=1e-12)
+    assert m["nll"] == pytest.approx(info["metrics"]["val_loss"], rel=1e-4)
+    out = run.join("eval", "val-rows")
+    rows = pq.read_table(io.BytesIO(read_bytes(out.join("predictions.parquet")))).to_pylist()
+    assert sorted(r["path"] for r in rows) == sorted(f"{source}#{i}" for i in range(len(files)))
+    assert all(
+        r["label"] == table.column("cls")[int(r["path"].rsplit("#")[1])].as_py() for r in rows
+    )
+    assert "Most confident mistakes" in read_text(out.join("errors.html"))
+
+
 def _val_batch(env: dict) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Every val image as uint8 NHWC, resized as training decodes them, with its label."""
     classes = sorted(p.name for p in (env["tmp"] / "val").iterdir() if p.is_dir())

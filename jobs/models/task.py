@@ -116,6 +116,13 @@ class PreparedTask:
     name: str | None  # the evaluation's name
 
     @property
+    def output_uri(self) -> str:
+        """Where the results go: `<run>/eval/<name>/`, or predict's --output."""
+        if self.task.command == "evaluate":
+            return self.ref.layout.evaluation(self.name).uri
+        return self.plan.output.uri
+
+    @property
     def images(self) -> int:
         parquet = getattr(self.plan, "parquet", None)
         return parquet.rows if parquet is not None else len(self.plan.files)

@@ -186,3 +186,10 @@ ConnectTimeoutOpt = Annotated[
         "refusing connections or answering 'No available agent', 502/503/504).",
     ),
 ]
+
+
+def check_one_place(local: bool, address: str | None) -> None:
+    """--local and an explicit --address contradict each other (RAY_ADDRESS in the
+    environment does not: --local wins over it)."""
+    if local and address and "RAY_ADDRESS" not in os.environ:
+        raise TlctlError("--local and --address: choose one (this machine, or a cluster)")

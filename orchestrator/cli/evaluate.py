@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from jobs.errors import TlctlError
 from orchestrator.cli.common import (
     AddressOpt,
     ConnectTimeoutOpt,
@@ -21,12 +20,13 @@ from orchestrator.cli.common import (
     StorageOpt,
     VerboseOpt,
     WaitOpt,
+    check_one_place,
     guarded,
 )
 from orchestrator.targets.jobs_api import DEFAULT_CONNECT_TIMEOUT_S
 
 if TYPE_CHECKING:
-    from jobs.models.task import ModelTask, PreparedTask
+    from jobs.models.task import ModelTask
 
 
 def _print_metrics(m: dict[str, Any], where: str) -> None:
@@ -92,8 +92,13 @@ def evaluate(
     mistakes go to <run>/eval/<name>/."""
     from jobs.models.task import ModelTask
 
-    args = {"data": data, "name": name, "image_column": image_column}
-    task = ModelTask("evaluate", run, storage, endpoint, {**args, "label_column": label_column})
+    args = {
+        "data": data,
+        "name": name,
+        "image_column": image_column,
+        "label_column": label_column,
+    }
+    task = ModelTask("evaluate", run, storage, endpoint, args)
     where = Where(local, address, wait, pass_credentials, connect_timeout, verbose, json_out)
     metrics, out = _run(task, where)
     if metrics is None:
@@ -121,8 +126,7 @@ class Where:
     @property
     def on_cluster(self) -> bool:
         """--address (or RAY_ADDRESS without --local) sends it to a cluster."""
-        if self.local and self.address and "RAY_ADDRESS" not in os.environ:
-            raise TlctlError("--local and --address: choose one (this machine, or a cluster)")
+        check_one_place(self.local, self.address)
         return bool(self.address) and not self.local
 
 
@@ -139,7 +143,7 @@ def _run(task: ModelTask, where: Where) -> tuple[dict[str, Any] | None, str]:
                 import ray
 
                 ray.shutdown()
-        return result, _output_uri(prepared)
+        return result, prepared.output_uri
     from orchestrator.targets.base import SubmitOptions
     from orchestrator.targets.cluster import check_task_paths, follow_task, submit_task
     from orchestrator.targets.jobs_api import cluster_address, connect
@@ -154,7 +158,8 @@ def _run(task: ModelTask, where: Where) -> tuple[dict[str, Any] | None, str]:
         json_out=where.json_out,
         pass_credentials=where.pass_credentials,
     )
-    job_id, out = submit_task(cluster, prepared, options)
+    job_id = submit_task(cluster, prepared, options)
+    out = prepared.output_uri
     if not where.wait:
         _submitted(job_id, cluster.address, out, where.json_out)
         return None, out
@@ -162,12 +167,6 @@ def _run(task: ModelTask, where: Where) -> tuple[dict[str, Any] | None, str]:
     if code != 0 or result is None:
         raise typer.Exit(code or 1)
     return result, out
-
-
-def _output_uri(prepared: PreparedTask) -> str:
-    if prepared.task.command == "evaluate":
-        return prepared.ref.layout.evaluation(prepared.name).uri
-    return prepared.plan.output.uri
 
 
 def _submitted(job_id: str, address: str, out: str, json_out: bool) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Annotated
@@ -21,6 +20,7 @@ from orchestrator.cli.common import (
     VerboseOpt,
     WaitOpt,
     YesOpt,
+    check_one_place,
     guarded,
 )
 from orchestrator.targets.base import SubmitOptions, Target
@@ -36,8 +36,7 @@ def target_for(
     *, local: bool, address: str | None, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
 ) -> Target:
     """`--local`, or the cluster at `--address` / RAY_ADDRESS: chosen once, here."""
-    if local and address and "RAY_ADDRESS" not in os.environ:
-        raise TlctlError("--local and --address: choose one (this machine, or a cluster)")
+    check_one_place(local, address)
     if local:
         from orchestrator.targets.local import LocalTarget
 

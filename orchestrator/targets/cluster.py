@@ -364,18 +364,11 @@ def check_task_paths(task: ModelTask, address: str) -> None:
             raise TlctlError("; ".join(errors))  # each names its flag: one line
 
 
-def submit_task(
-    cluster: Cluster, prepared: PreparedTask, options: SubmitOptions
-) -> tuple[str, str]:
-    """Submit a pre-flighted evaluate/predict; returns (submission id, what it writes)."""
+def submit_task(cluster: Cluster, prepared: PreparedTask, options: SubmitOptions) -> str:
+    """Submit a pre-flighted evaluate/predict; returns its submission id."""
     task = prepared.task
     run = prepared.ref.layout.name
     job_id = f"tlctl-{task.command}-{run}-{uuid.uuid4().hex[:8]}"
-    where = (
-        prepared.ref.layout.evaluation(prepared.name).uri
-        if task.command == "evaluate"
-        else prepared.plan.output.uri
-    )
     metadata = redact_data(
         {
             "tlctl": tlctl_version(),
@@ -383,7 +376,7 @@ def submit_task(
             "kind": task.command,
             "run_uri": prepared.ref.layout.uri,
             "model_ref": prepared.ref.text,
-            "output_uri": where,
+            "output_uri": prepared.output_uri,
             "storage_endpoint": task.endpoint or "",
         }
     )
@@ -404,7 +397,7 @@ def submit_task(
             )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    return job_id, where
+    return job_id
 
 
 def follow_task(
